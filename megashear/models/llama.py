@@ -1,0 +1,179 @@
+"""LLaMA on megatron-core: ``TransformerConfig`` from a :class:`ModelConfig`, and the model.
+
+The model is megatron-core's ``GPTModel`` with RMSNorm, SwiGLU, rotary embeddings
+(non-interleaved, HF order), grouped-query attention, no biases and untied embeddings. The layer
+spec is megatron-core's own: the TransformerEngine spec when TE imports, else the local spec with
+:class:`SDPACoreAttention` as its core attention. The vocabulary is never padded, so logits and
+checkpoints match Hugging Face's exactly; it must divide by the TP size.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+
+from megashear import platform
+from megashear.config import ParallelConfig
+from megashear.model_config import ModelConfig
+
+logger = logging.getLogger(__name__)
+
+
+def te_available() -> bool:
+    """TransformerEngine importable and usable (a partial install raises RuntimeError)."""
+    if not platform.cuda_available():
+        return False
+    try:
+        import transformer_engine  # noqa: F401
+
+        return True
+    except Exception:
+        return False
+
+
+def validate_layout(cfg: ModelConfig, par: ParallelConfig, world_size: int) -> None:
+    """Raise ``ValueError`` with a one-line message if ``par`` cannot shard ``cfg``."""
+    if par.tp < 1 or par.pp < 1:
+        raise ValueError(f"tp and pp must be >= 1, got tp={par.tp} pp={par.pp}")
+    if world_size % (par.tp * par.pp):
+        raise ValueError(
+            f"tp*pp={par.tp * par.pp} (tp={par.tp}, pp={par.pp}) does not divide the world "
+            f"size {world_size}"
+        )
+    for name, value in (
+        ("num_attention_heads", cfg.num_attention_heads),
+        ("num_query_groups", cfg.num_query_groups),
+        ("ffn_hidden_size", cfg.ffn_hidden_size),
+        ("vocab_size", cfg.vocab_size),
+    ):
+        if value % par.tp:
+            raise ValueError(f"{name}={value} is not divisible by tensor parallel size {par.tp}")
+    if cfg.num_attention_heads % cfg.num_query_groups:
+        raise ValueError(
+            f"num_attention_heads={cfg.num_attention_heads} is not a multiple of "
+            f"num_query_groups={cfg.num_query_groups}"
+        )
+    stages = par.pp * (par.vpp or 1)
+    if cfg.num_layers % stages:
+        raise ValueError(
+            f"num_layers={cfg.num_layers} is not divisible by pipeline stages "
+            f"pp={par.pp} x vpp={par.vpp or 1}"
+        )
+    if par.vpp is not None and par.pp < 2:
+        raise ValueError("virtual pipeline stages (vpp) need pp >= 2")
+    if par.sequence_parallel and not platform.cuda_available():
+        raise ValueError("sequence_parallel needs CUDA (megatron's torch norm refuses it on CPU)")
+
+
+def build_transformer_config(
+    cfg: ModelConfig,
+    par: ParallelConfig,
+    dtype: torch.dtype = torch.float32,
+    init_method_std: float = 0.02,
+):
+    """Map a :class:`ModelConfig` and layout onto megatron-core's ``TransformerConfig``."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    on_cpu = not platform.cuda_available()
+    return TransformerConfig(
+        num_layers=cfg.num_layers,
+        hidden_size=cfg.hidden_size,
+        num_attention_heads=cfg.num_attention_heads,
+        num_query_groups=cfg.num_query_groups,
+        ffn_hidden_size=cfg.ffn_hidden_size,
+        kv_channels=cfg.head_dim,
+        normalization="RMSNorm",
+        layernorm_epsilon=cfg.norm_epsilon,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=init_method_std,
+        tensor_model_parallel_size=par.tp,
+        pipeline_model_parallel_size=par.pp,
+        virtual_pipeline_model_parallel_size=par.vpp,
+        sequence_parallel=par.sequence_parallel,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        use_cpu_initialization=on_cpu,
+        batch_p2p_sync=not on_cpu,
+        # gloo matches messages between a pair of ranks by order: batched ops of an interleaved
+        # schedule at pp=2 (prev == next) would swap activations and gradients.
+        batch_p2p_comm=not on_cpu,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+        deallocate_pipeline_outputs=True,
+    )
+
+
+def layer_spec(use_te: bool | None = None):
+    """megatron-core's LLaMA layer spec: TE's on GPU when importable, else local + SDPA."""
+    if use_te is None:
+        use_te = te_available()
+    if use_te:
+        from megatron.core.models.gpt.gpt_layer_specs import (
+            get_gpt_layer_with_transformer_engine_spec,
+        )
+
+        return get_gpt_layer_with_transformer_engine_spec()
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    from megashear.models.attention import SDPACoreAttention
+
+    spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    spec.submodules.self_attention.submodules.core_attention = SDPACoreAttention
+    return spec
+
+
+def build_model_chunk(
+    cfg: ModelConfig,
+    tconfig,
+    spec=None,
+    pre_process: bool = True,
+    post_process: bool = True,
+    vp_stage: int | None = None,
+):
+    """One ``GPTModel`` chunk (this rank's layers of one virtual stage)."""
+    from megatron.core.models.gpt import GPTModel
+
+    kwargs = {}
+    if vp_stage is not None:
+        kwargs["vp_stage"] = vp_stage
+    return GPTModel(
+        config=tconfig,
+        transformer_layer_spec=spec if spec is not None else layer_spec(),
+        vocab_size=cfg.vocab_size,
+        max_sequence_length=cfg.seq_length,
+        pre_process=pre_process,
+        post_process=post_process,
+        share_embeddings_and_output_weights=False,
+        position_embedding_type="rope",
+        rotary_base=int(cfg.rotary_base),
+        **kwargs,
+    )
+
+
+def build_model(cfg: ModelConfig, tconfig, spec=None) -> list[torch.nn.Module]:
+    """This rank's model chunks (one per virtual pipeline stage), on the compute device."""
+    from megatron.core import parallel_state as ps
+
+    platform.install_cpu_support()
+    vpp = tconfig.virtual_pipeline_model_parallel_size
+    chunks = []
+    for vp_stage in range(vpp or 1):
+        stage = vp_stage if vpp is not None else None
+        pre = ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage)
+        post = ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage)
+        chunk = build_model_chunk(cfg, tconfig, spec, pre, post, stage)
+        chunks.append(chunk.to(platform.default_device()))
+    return chunks

@@ -1,0 +1,341 @@
+"""CPU mode: the small, named set of patches that let megatron-core 0.16 run without CUDA.
+
+This is the only module in megashear that knows the difference between CPU and GPU. On a
+machine with CUDA, :func:`install_cpu_support` does nothing. Without CUDA it applies these
+patches, each a few lines, each recorded in :data:`PATCHES` with the failure it prevents:
+
+``cuda_namespace``
+    megatron-core modules reach CUDA through their module-global ``torch``: they call
+    ``torch.cuda.current_device()`` and use it as a device (layers, RoPE, DDP buffers, the
+    attention workspace buffer, p2p receive buffers), hard-code ``device="cuda"`` (the three
+    pipeline schedules, the optimizer's scale, grad clipping, the causal-mask helpers,
+    dist_checkpointing's exchange), and call ``torch.cuda.synchronize`` and
+    ``torch.cuda.current_stream``. Every loaded ``megatron.core`` module gets a
+    :class:`_TorchOnCpu` proxy as its ``torch`` instead: it forwards everything to the real
+    ``torch`` except that ``torch.cuda`` is a CPU shim and tensor factories map a CUDA device
+    to the CPU. Unlike a ``TorchFunctionMode`` it costs nothing per op, and it is active during
+    activation recompute too. Code outside megatron-core sees the real ``torch``.
+``tensor_cuda``
+    ``Tensor.cuda()`` (optimizer and dist_checkpointing loads) returns the tensor itself.
+``rng_tracker``
+    megatron's ``_get_cuda_rng_state`` / ``_set_cuda_rng_state`` read CUDA generators directly;
+    they are pointed at the CPU default generator, so ``model_parallel_cuda_manual_seed`` and
+    the RNG tracker's ``fork()`` work (and fork the CPU generator).
+``clip_grads``
+    ``clip_grad_by_total_norm_fp32`` asserts ``grad.type() == 'torch.cuda.FloatTensor'``; the
+    replacement checks the dtype instead.
+
+Model configs must also set ``use_cpu_initialization=True`` and ``batch_p2p_sync=False`` on
+CPU; :func:`megashear.models.llama.build_transformer_config` does that.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import sys
+import types
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+def cuda_available() -> bool:
+    """True when a usable CUDA device is present (then no patch is applied)."""
+    return torch.cuda.is_available()
+
+
+def default_device() -> torch.device:
+    """The device megashear computes on: the current CUDA device, else the CPU."""
+    return (
+        torch.device("cuda", torch.cuda.current_device())
+        if cuda_available()
+        else (torch.device("cpu"))
+    )
+
+
+def distributed_backend() -> str:
+    """``nccl`` with CUDA, ``gloo`` without."""
+    return "nccl" if cuda_available() else "gloo"
+
+
+# --------------------------------------------------------------------------------------------
+# cuda_namespace: a `torch` proxy for megatron-core modules
+# --------------------------------------------------------------------------------------------
+
+
+def _is_cuda_device(device: object) -> bool:
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    return isinstance(device, int) and not isinstance(device, bool)
+
+
+def _cpu_factory(fn: Callable) -> Callable:
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if _is_cuda_device(kwargs.get("device")):
+            kwargs["device"] = "cpu"
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
+_FACTORIES = (
+    "tensor",
+    "as_tensor",
+    "zeros",
+    "ones",
+    "empty",
+    "full",
+    "arange",
+    "rand",
+    "randn",
+    "randint",
+    "zeros_like",
+    "ones_like",
+    "empty_like",
+    "full_like",
+    "eye",
+    "linspace",
+)
+
+
+class _NullStream:
+    """Stands in for ``torch.cuda.Stream``: a stream on which everything is already done."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        pass
+
+    def wait_stream(self, other) -> None:
+        pass
+
+    def wait_event(self, event) -> None:
+        pass
+
+    def record_event(self, event=None):
+        return _NullEvent()
+
+    def synchronize(self) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
+
+
+class _NullEvent(_NullStream):
+    def record(self, stream=None) -> None:
+        pass
+
+    def elapsed_time(self, other) -> float:
+        return 0.0
+
+
+class _CudaOnCpu(types.ModuleType):
+    """Stands in for ``torch.cuda`` inside megatron-core modules on a CPU-only machine."""
+
+    def __init__(self) -> None:
+        super().__init__("torch.cuda(cpu)")
+        self.current_device = lambda: torch.device("cpu")
+        self.device_count = lambda: 0
+        self.is_available = lambda: False
+        self.synchronize = lambda *a, **k: None
+        self.empty_cache = lambda: None
+        self.Stream = _NullStream
+        self.Event = _NullEvent
+        self.current_stream = lambda *a, **k: _NullStream()
+        self.default_stream = lambda *a, **k: _NullStream()
+        self.stream = lambda *a, **k: contextlib.nullcontext()
+        self.device = lambda *a, **k: contextlib.nullcontext()
+        self.set_device = lambda *a, **k: None
+        self.get_rng_state = lambda *a, **k: torch.get_rng_state()
+        self.set_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
+        self.manual_seed = lambda seed: torch.default_generator.manual_seed(int(seed))
+        self.manual_seed_all = self.manual_seed
+        self.memory_allocated = lambda *a, **k: 0
+        self.max_memory_allocated = lambda *a, **k: 0
+        self.memory_reserved = lambda *a, **k: 0
+        self.nvtx = types.SimpleNamespace(
+            range_push=lambda *a, **k: None,
+            range_pop=lambda *a, **k: None,
+            range=lambda *a, **k: contextlib.nullcontext(),
+        )
+
+    def __getattr__(self, name: str):
+        return getattr(torch.cuda, name)
+
+
+class _TorchOnCpu(types.ModuleType):
+    """Stands in for ``torch`` inside megatron-core modules: ``torch`` with CUDA mapped to CPU."""
+
+    def __init__(self) -> None:
+        super().__init__("torch(cpu)")
+        self.cuda = _CudaOnCpu()
+        for name in _FACTORIES:
+            setattr(self, name, _cpu_factory(getattr(torch, name)))
+
+    def __getattr__(self, name: str):
+        value = getattr(torch, name)
+        setattr(self, name, value)  # cache: later look-ups are plain attribute reads
+        return value
+
+
+_TORCH_ON_CPU: _TorchOnCpu | None = None
+
+# Modules imported (so that they get the proxy) before the sys.modules scan. Other megatron-core
+# modules imported later are covered by calling install_cpu_support() again after importing them.
+_MEGATRON_MODULES = (
+    "megatron.core.parallel_state",
+    "megatron.core.utils",
+    "megatron.core.tensor_parallel.layers",
+    "megatron.core.tensor_parallel.random",
+    "megatron.core.tensor_parallel.mappings",
+    "megatron.core.tensor_parallel.cross_entropy",
+    "megatron.core.tensor_parallel.data",
+    "megatron.core.transformer.utils",
+    "megatron.core.transformer.attention",
+    "megatron.core.transformer.dot_product_attention",
+    "megatron.core.transformer.transformer_block",
+    "megatron.core.transformer.transformer_layer",
+    "megatron.core.transformer.module",
+    "megatron.core.models.gpt.gpt_model",
+    "megatron.core.models.common.embeddings.rotary_pos_embedding",
+    "megatron.core.models.common.embeddings.language_model_embedding",
+    "megatron.core.models.common.language_module.language_module",
+    "megatron.core.pipeline_parallel.schedules",
+    "megatron.core.pipeline_parallel.p2p_communication",
+    "megatron.core.distributed.distributed_data_parallel",
+    "megatron.core.distributed.param_and_grad_buffer",
+    "megatron.core.distributed.finalize_model_grads",
+    "megatron.core.optimizer",
+    "megatron.core.optimizer.optimizer",
+    "megatron.core.optimizer.clip_grads",
+    "megatron.core.optimizer.grad_scaler",
+    "megatron.core.optimizer_param_scheduler",
+    "megatron.core.dist_checkpointing",
+    "megatron.core.dist_checkpointing.serialization",
+    "megatron.core.dist_checkpointing.exchange_utils",
+    "megatron.core.dist_checkpointing.strategies.torch",
+    "megatron.core.dist_checkpointing.strategies.state_dict_saver",
+    "megatron.core.dist_checkpointing.strategies.fully_parallel",
+)
+
+
+def _patch_cuda_namespace() -> None:
+    global _TORCH_ON_CPU
+    import importlib
+
+    if _TORCH_ON_CPU is None:
+        _TORCH_ON_CPU = _TorchOnCpu()
+    for name in _MEGATRON_MODULES:
+        importlib.import_module(name)
+    for name, module in list(sys.modules.items()):
+        if module is None or not name.startswith("megatron.core"):
+            continue
+        if getattr(module, "torch", None) is torch:
+            module.torch = _TORCH_ON_CPU
+
+
+def _patch_tensor_cuda() -> None:
+    def cuda_on_cpu(self, *args, **kwargs):
+        return self
+
+    torch.Tensor.cuda = cuda_on_cpu
+
+
+def _patch_rng_tracker() -> None:
+    from megatron.core.tensor_parallel import random as mrandom
+
+    def get_rng_state(device=-1, clone: bool = False, graph_safe: bool = False):
+        state = torch.get_rng_state()
+        return state.clone() if clone else state
+
+    def set_rng_state(new_state, device=-1, graph_safe: bool = False):
+        torch.set_rng_state(new_state)
+
+    mrandom._get_cuda_rng_state = get_rng_state
+    mrandom._set_cuda_rng_state = set_rng_state
+
+
+def _patch_clip_grads() -> None:
+    from megatron.core.optimizer import clip_grads, optimizer
+
+    def clip_grad_by_total_norm_fp32(
+        parameters, max_norm, total_norm, use_decoupled_grad: bool = False
+    ) -> None:
+        if isinstance(parameters, torch.Tensor):
+            parameters = [parameters]
+        attr = "decoupled_grad" if use_decoupled_grad else "grad"
+        grads = []
+        for param in parameters:
+            grad = getattr(param, attr, None)
+            if grad is not None:
+                if grad.dtype not in (torch.float32, torch.bfloat16):
+                    raise TypeError(f"gradient clipping expects fp32/bf16 grads, got {grad.dtype}")
+                grads.append(grad.detach())
+        clip_coeff = max_norm / (total_norm + 1.0e-6)
+        if clip_coeff < 1.0 and grads:
+            torch._foreach_mul_(grads, clip_coeff)
+
+    clip_grads.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm_fp32
+    optimizer.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm_fp32
+
+
+@dataclass(frozen=True)
+class Patch:
+    """A named CPU patch and the failure it prevents."""
+
+    name: str
+    apply: Callable[[], None]
+    prevents: str
+
+
+PATCHES: tuple[Patch, ...] = (
+    Patch(
+        "cuda_namespace",
+        _patch_cuda_namespace,
+        "AssertionError: Torch not compiled with CUDA enabled (torch.cuda.current_device(), "
+        "device='cuda' in schedules/optimizer/causal masks, torch.cuda.synchronize)",
+    ),
+    Patch("tensor_cuda", _patch_tensor_cuda, "Tensor.cuda() in optimizer/checkpoint loading"),
+    Patch("rng_tracker", _patch_rng_tracker, "model_parallel_cuda_manual_seed reading CUDA RNG"),
+    Patch("clip_grads", _patch_clip_grads, "AssertionError on grad.type() in grad clipping"),
+)
+
+_APPLIED: set[str] = set()
+
+
+def install_cpu_support(skip: Iterable[str] = ()) -> list[str]:
+    """Apply the CPU patches when CUDA is absent; a no-op with CUDA.
+
+    Safe to call repeatedly: ``cuda_namespace`` re-scans ``sys.modules`` so that megatron-core
+    modules imported since the last call are covered too.
+
+    Args:
+        skip: names of patches to leave out (tests use this to show what each one prevents).
+
+    Returns:
+        The names of the patches applied in this call.
+    """
+    if cuda_available():
+        return []
+    skip = set(skip)
+    unknown = skip - {p.name for p in PATCHES}
+    if unknown:
+        raise ValueError(f"unknown CPU patches {sorted(unknown)}")
+    applied = []
+    for patch in PATCHES:
+        if patch.name in skip:
+            continue
+        if patch.name in _APPLIED and patch.name != "cuda_namespace":
+            continue
+        patch.apply()
+        _APPLIED.add(patch.name)
+        applied.append(patch.name)
+    logger.debug("CPU patches applied: %s", applied)
+    return applied

@@ -1,0 +1,290 @@
+"""The training loop on megatron-core itself: schedules, DDP, optimizer and LR schedule.
+
+No global-args trainer: the model is built from a :class:`ModelConfig`, wrapped in megatron-core's
+``DistributedDataParallel``, optimised by ``get_megatron_optimizer`` (AdamW; the distributed
+optimizer on request) with ``OptimizerParamScheduler`` (cosine with linear warm-up), and driven by
+``get_forward_backward_func()`` (no pipelining, 1F1B, or interleaved 1F1B with virtual stages).
+
+Batches: every rank draws the same global batch ``[B, s]`` from its :class:`BatchSource` and keeps
+its DP slice, cut into micro-batches ``[b, s]``. The reported loss is the token-weighted mean over
+the whole global batch, identical on every rank and for every parallel layout.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from functools import partial
+
+import torch
+import torch.distributed as dist
+
+from megashear import platform
+from megashear.config import CheckpointConfig, ParallelConfig, TrainConfig
+from megashear.model_config import ModelConfig
+from megashear.models.llama import build_model, build_transformer_config, layer_spec
+from megashear.parallel import init_model_parallel
+from megashear.training.batches import BatchSource, split_for_rank
+
+logger = logging.getLogger(__name__)
+
+
+def _loss_func(loss_mask: torch.Tensor, output: torch.Tensor):
+    """Per-token losses ``[b, s]`` -> (sum, token count, [sum, count] for reporting)."""
+    mask = loss_mask.to(output.dtype)
+    loss_sum = (output.float() * mask).sum()
+    num_tokens = mask.sum().to(torch.int)
+    report = torch.stack([loss_sum.detach().clone(), mask.sum().detach().float()])
+    return loss_sum, num_tokens, {"lm loss": report}
+
+
+def forward_step(data_iterator, model):
+    """megatron-core ``forward_step_func``: one micro-batch through one model chunk."""
+    batch = next(data_iterator)
+    tokens = batch["tokens"]
+    device = platform.default_device()
+    # [b, s]
+    position_ids = torch.arange(tokens.shape[1], device=device).unsqueeze(0).expand_as(tokens)
+    output = model(
+        tokens.to(device),
+        position_ids,
+        None,
+        labels=batch["labels"].to(device),
+    )
+    return output, partial(_loss_func, batch["loss_mask"].to(device))
+
+
+class Trainer:
+    """Builds model, optimizer and scheduler for this rank and runs training steps.
+
+    Args:
+        model_cfg: the LLaMA shape.
+        par: the parallel layout (dp is derived from the world size).
+        train_cfg: optimisation settings.
+        batches: the global-batch source (identical on every rank).
+        ckpt_cfg: checkpoint settings; ``load`` resumes, ``save`` + ``save_interval`` saves.
+        spec: a megatron-core layer spec; ``None`` for the plain LLaMA spec.
+        forward_step_func: replaces :func:`forward_step` (the pruning run adds masks).
+    """
+
+    def __init__(
+        self,
+        model_cfg: ModelConfig,
+        par: ParallelConfig,
+        train_cfg: TrainConfig,
+        batches: BatchSource,
+        ckpt_cfg: CheckpointConfig | None = None,
+        spec=None,
+        forward_step_func: Callable = forward_step,
+    ) -> None:
+        from megatron.core import parallel_state as ps
+
+        self.model_cfg, self.par, self.cfg = model_cfg, par, train_cfg
+        self.ckpt_cfg = ckpt_cfg or CheckpointConfig()
+        self.batches = batches
+        self.forward_step_func = forward_step_func
+        self.dp_size = init_model_parallel(model_cfg, par, seed=train_cfg.seed)
+        self.dp_rank = ps.get_data_parallel_rank()
+        per_step = self.dp_size * train_cfg.micro_batch_size
+        if train_cfg.global_batch_size % per_step:
+            raise ValueError(
+                f"global_batch_size={train_cfg.global_batch_size} is not divisible by "
+                f"dp={self.dp_size} x micro_batch_size={train_cfg.micro_batch_size}"
+            )
+        self.num_microbatches = train_cfg.global_batch_size // per_step
+        bf16 = train_cfg.bf16 if train_cfg.bf16 is not None else platform.cuda_available()
+        self.dtype = torch.bfloat16 if bf16 else torch.float32
+        self.tconfig = build_transformer_config(model_cfg, par, self.dtype)
+        self.spec = spec if spec is not None else layer_spec()
+        self.model = self._wrap_ddp(build_model(model_cfg, self.tconfig, self.spec))
+        self.optimizer = self._build_optimizer()
+        self.scheduler = self._build_scheduler()
+        self.iteration = 0
+        if self.ckpt_cfg.load:
+            from megashear.training.checkpointing import load_checkpoint
+
+            load_checkpoint(self, self.ckpt_cfg.load)
+
+    # ---------------------------------------------------------------- construction
+
+    def _wrap_ddp(self, chunks: list[torch.nn.Module]) -> list[torch.nn.Module]:
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True,
+            overlap_grad_reduce=False,
+            use_distributed_optimizer=self.par.use_distributed_optimizer,
+        )
+        wrapped = []
+        for i, chunk in enumerate(chunks):
+            wrapped.append(
+                DistributedDataParallel(
+                    config=self.tconfig,
+                    ddp_config=ddp_config,
+                    module=chunk,
+                    disable_bucketing=i > 0,
+                )
+            )
+        from megatron.core.distributed import finalize_model_grads
+
+        # The schedules call this after the last backward: DP all-reduce of the grad buffers
+        # (and the PP / SP reductions megatron-core needs).
+        self.tconfig.finalize_model_grads_func = finalize_model_grads
+        self.tconfig.no_sync_func = (
+            wrapped[0].no_sync if len(wrapped) == 1 else [m.no_sync for m in wrapped]
+        )
+        platform.install_cpu_support()
+        return wrapped
+
+    def optimizer_config(self):
+        from megatron.core.optimizer import OptimizerConfig
+
+        c = self.cfg
+        return OptimizerConfig(
+            optimizer="adam",
+            lr=c.lr,
+            min_lr=c.min_lr,
+            weight_decay=c.weight_decay,
+            adam_beta1=c.adam_beta1,
+            adam_beta2=c.adam_beta2,
+            adam_eps=c.adam_eps,
+            clip_grad=c.clip_grad,
+            bf16=self.dtype == torch.bfloat16,
+            params_dtype=self.dtype,
+            use_distributed_optimizer=self.par.use_distributed_optimizer,
+        )
+
+    def _build_optimizer(self):
+        from megatron.core.optimizer import get_megatron_optimizer
+
+        optimizer = get_megatron_optimizer(self.optimizer_config(), self.model)
+        platform.install_cpu_support()
+        return optimizer
+
+    def _build_scheduler(self):
+        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+        c = self.cfg
+        gbs = c.global_batch_size
+        return OptimizerParamScheduler(
+            self.optimizer,
+            init_lr=0.0,
+            max_lr=c.lr,
+            min_lr=c.min_lr,
+            lr_warmup_steps=c.lr_warmup_iters * gbs,
+            lr_decay_steps=max(c.train_iters, c.lr_warmup_iters + 1) * gbs,
+            lr_decay_style=c.lr_decay_style,
+            start_wd=c.weight_decay,
+            end_wd=c.weight_decay,
+            wd_incr_steps=max(c.train_iters, 1) * gbs,
+            wd_incr_style="constant",
+        )
+
+    # ---------------------------------------------------------------- stepping
+
+    def _data_iterators(self, microbatches: list[dict]):
+        if len(self.model) == 1:
+            return iter(microbatches)
+        # Interleaved schedule: one iterator per model chunk over the same micro-batches.
+        return [iter(list(microbatches)) for _ in self.model]
+
+    def run_schedule(self, microbatches: list[dict], forward_only: bool) -> list[dict]:
+        """Run megatron-core's forward(-backward) schedule over this rank's micro-batches."""
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        return get_forward_backward_func()(
+            forward_step_func=self.forward_step_func,
+            data_iterator=self._data_iterators(microbatches),
+            model=self.model,
+            num_microbatches=len(microbatches),
+            seq_length=microbatches[0]["tokens"].shape[1],
+            micro_batch_size=microbatches[0]["tokens"].shape[0],
+            forward_only=forward_only,
+        )
+
+    def reduce_loss(self, reports: list[dict], key: str = "lm loss") -> float:
+        """Token-weighted mean of ``key`` over micro-batches, DP ranks and (broadcast) stages."""
+        from megatron.core import parallel_state as ps
+
+        totals = torch.zeros(2, dtype=torch.float64)
+        for report in reports:
+            totals += report[key].double().cpu()
+        device = platform.default_device()
+        totals = totals.to(device)
+        if ps.is_pipeline_last_stage(ignore_virtual=True):
+            dist.all_reduce(totals, group=ps.get_data_parallel_group())
+        if ps.get_pipeline_model_parallel_world_size() > 1:
+            last = ps.get_pipeline_model_parallel_last_rank()
+            dist.broadcast(totals, src=last, group=ps.get_pipeline_model_parallel_group())
+        return float(totals[0] / totals[1].clamp(min=1))
+
+    def train_step(self) -> dict[str, float]:
+        """One optimizer step on the next global batch. Returns loss, lr, grad_norm, tokens/s."""
+        start = time.perf_counter()
+        batch = self.batches.next_global_batch(self.cfg.global_batch_size)
+        microbatches = split_for_rank(batch, self.dp_rank, self.dp_size, self.cfg.micro_batch_size)
+        for chunk in self.model:
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        reports = self.run_schedule(microbatches, forward_only=False)
+        update_ok, grad_norm, _ = self.optimizer.step()
+        if not update_ok:
+            raise FloatingPointError(f"optimizer step {self.iteration + 1} was skipped")
+        self.scheduler.step(increment=self.cfg.global_batch_size)
+        self.iteration += 1
+        loss = self.reduce_loss(reports)
+        elapsed = time.perf_counter() - start
+        tokens = batch["loss_mask"].numel()
+        return {
+            "iteration": self.iteration,
+            "loss": loss,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+            "tokens_per_s": tokens / elapsed,
+            "step_time": elapsed,
+        }
+
+    @torch.no_grad()
+    def evaluate(self, batch: dict[str, torch.Tensor]) -> float:
+        """Token-weighted mean loss of a global batch, forward only."""
+        for chunk in self.model:
+            chunk.eval()
+        microbatches = split_for_rank(batch, self.dp_rank, self.dp_size, self.cfg.micro_batch_size)
+        reports = self.run_schedule(microbatches, forward_only=True)
+        for chunk in self.model:
+            chunk.train()
+        return self.reduce_loss(reports)
+
+    def train(
+        self, iterations: int | None = None, callback: Callable[[dict], None] | None = None
+    ) -> list[dict]:
+        """Run until ``train_iters`` (or ``iterations`` more steps); checkpoint on schedule."""
+        end = self.cfg.train_iters if iterations is None else self.iteration + iterations
+        history = []
+        while self.iteration < end:
+            stats = self.train_step()
+            history.append(stats)
+            if callback is not None:
+                callback(stats)
+            if self.iteration % self.cfg.log_interval == 0 and dist.get_rank() == 0:
+                logger.info(
+                    "iter %d | loss %.6f | lr %.3e | grad norm %.3f | %.0f tokens/s",
+                    stats["iteration"],
+                    stats["loss"],
+                    stats["lr"],
+                    stats["grad_norm"],
+                    stats["tokens_per_s"],
+                )
+            interval = self.ckpt_cfg.save_interval
+            if self.ckpt_cfg.save and interval and self.iteration % interval == 0:
+                self.save()
+        return history
+
+    def save(self) -> str:
+        """Checkpoint everything to ``ckpt_cfg.save``; returns the checkpoint directory."""
+        from megashear.training.checkpointing import save_checkpoint
+
+        if not self.ckpt_cfg.save:
+            raise ValueError("no checkpoint directory configured (checkpoint.save)")
+        return save_checkpoint(self, self.ckpt_cfg.save, keep_last=self.ckpt_cfg.keep_last)

@@ -1,0 +1,89 @@
+"""Runs a list of training jobs under torchrun; the tests compare what rank 0 writes.
+
+Usage: ``torchrun --standalone --nproc_per_node N tests/dist_worker.py PLAN.json OUT.json``
+
+PLAN is a list of jobs, run one after the other in the same process group::
+
+    {"name": str, "model": preset, "tp": int, "pp": int, "vpp": int|null, "steps": int,
+     "init": dir|null (model-only checkpoint to start from), "load": dir|null (full resume),
+     "save": dir|null, "save_at": int|null, "save_init": dir|null (save the initial weights),
+     "crash_in_save": bool}
+
+OUT maps each job name to its per-step losses (or its error message).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import torch.distributed as dist
+
+from megashear.config import CheckpointConfig, ParallelConfig, TrainConfig
+from megashear.model_config import get_preset
+from megashear.training import checkpointing
+from megashear.training.batches import SyntheticBatches
+from megashear.training.trainer import Trainer
+
+
+def run_job(job: dict) -> list[float]:
+    cfg = get_preset(job["model"])
+    par = ParallelConfig(tp=job.get("tp", 1), pp=job.get("pp", 1), vpp=job.get("vpp"))
+    train = TrainConfig(
+        micro_batch_size=2,
+        global_batch_size=8,
+        train_iters=job["steps"],
+        lr=1e-3,
+        lr_warmup_iters=1,
+    )
+    ckpt = CheckpointConfig(save=job.get("save"), load=job.get("load"), keep_last=3)
+    trainer = Trainer(cfg, par, train, SyntheticBatches(cfg.vocab_size, cfg.seq_length, 7), ckpt)
+    if job.get("save_init"):
+        checkpointing.save_model_checkpoint(trainer.model, cfg, job["save_init"])
+    if job.get("init"):
+        checkpointing.load_model_weights(trainer.model, cfg, job["init"])
+    losses = []
+    while trainer.iteration < job["steps"]:
+        losses.append(trainer.train_step()["loss"])
+        if job.get("save_at") == trainer.iteration:
+            trainer.save()
+    if job.get("crash_in_save"):
+        from megatron.core import dist_checkpointing
+
+        def broken_save(state, directory, *args, **kwargs):
+            with open(f"{directory}/partial.distcp", "w") as f:
+                f.write("half")
+            raise OSError("simulated crash inside the save")
+
+        real = dist_checkpointing.save
+        dist_checkpointing.save = broken_save
+        try:
+            trainer.save()
+        except OSError:
+            pass
+        finally:
+            dist_checkpointing.save = real
+    return losses
+
+
+def main() -> None:
+    plan_path, out_path = sys.argv[1], sys.argv[2]
+    with open(plan_path) as f:
+        plan = json.load(f)
+    results = {}
+    for job in plan:
+        try:
+            results[job["name"]] = run_job(job)
+        except Exception as exc:  # reported to the test, which decides
+            results[job["name"]] = {"error": f"{type(exc).__name__}: {exc}"}
+            if job.get("expect_error") is None:
+                raise
+    if dist.get_rank() == 0:
+        with open(out_path, "w") as f:
+            json.dump(results, f)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

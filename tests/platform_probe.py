@@ -1,0 +1,73 @@
+"""Applies the CPU patches except the ones named on the command line, then runs one probe per
+patch and prints a JSON map ``{patch: "ok" | "ExceptionType: message"}``."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+
+import torch
+import torch.distributed as dist
+
+
+def probe_cuda_namespace():
+    from megashear.config import ParallelConfig
+    from megashear.model_config import get_preset
+    from megashear.models.llama import build_model_chunk, build_transformer_config
+
+    cfg = get_preset("tiny-gqa")
+    model = build_model_chunk(cfg, build_transformer_config(cfg, ParallelConfig()))
+    tokens = torch.randint(0, cfg.vocab_size, (2, 8))
+    out = model(tokens, torch.arange(8).expand(2, 8), None, labels=tokens)
+    assert out.shape == (2, 8)
+
+
+def probe_tensor_cuda():
+    from megatron.core.tensor_parallel.data import broadcast_data
+
+    out = broadcast_data(["x"], {"x": torch.arange(4)}, torch.int64)
+    assert out["x"].tolist() == [0, 1, 2, 3]
+
+
+def probe_rng_tracker():
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker, model_parallel_cuda_manual_seed
+
+    model_parallel_cuda_manual_seed(123)
+    with get_cuda_rng_tracker().fork():
+        torch.rand(1)
+
+
+def probe_clip_grads():
+    from megatron.core.optimizer import clip_grads
+
+    p = torch.nn.Parameter(torch.zeros(3))
+    p.grad = torch.full((3,), 2.0)
+    clip_grads.clip_grad_by_total_norm_fp32([p], max_norm=1.0, total_norm=4.0)
+    assert torch.allclose(p.grad, torch.full((3,), 0.5), atol=1e-5)
+
+
+def main() -> None:
+    skip = [s for s in sys.argv[1:] if s]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("PROBE_PORT", "29555"))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    from megatron.core import parallel_state as ps
+
+    ps.initialize_model_parallel(1, 1)
+    from megashear import platform
+
+    platform.install_cpu_support(skip=skip)
+    results = {}
+    for name in ("cuda_namespace", "tensor_cuda", "rng_tracker", "clip_grads"):
+        try:
+            globals()[f"probe_{name}"]()
+            results[name] = "ok"
+        except Exception as exc:
+            where = traceback.extract_tb(exc.__traceback__)[-1].line
+            results[name] = f"{type(exc).__name__}: {exc} [at: {where}]"
+    print("PROBE " + json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()

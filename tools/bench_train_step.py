@@ -1,0 +1,132 @@
+#!/usr/bin/env python3
+"""Training-step time: megashear (megatron-core, TP1PP1) against transformers + torch AdamW.
+
+Both train the same LLaMA shape on the same batch in one process, fp32 on CPU; steps alternate
+between the two so that machine noise hits both alike. Prints the median step times, their
+ratio (goal: megashear / transformers <= 1.0), and the achieved FLOP/s of each against this
+machine's fp32 matmul peak measured in the same run.
+
+    python tools/bench_train_step.py [--layers 8 --hidden 512 --seq 256 --batch 4 --steps 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import time
+
+import torch
+
+
+def matmul_peak(n: int = 2048, reps: int = 10) -> float:
+    """fp32 FLOP/s of a square matmul, best of ``reps``."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best
+
+
+def step_flops(cfg, tokens: int) -> float:
+    """Model FLOPs of one training step (forward + backward = 3x forward)."""
+    h, s, layers = cfg.hidden_size, cfg.seq_length, cfg.num_layers
+    dense = cfg.num_parameters() - cfg.vocab_size * h  # the input embedding is a lookup
+    attention = 2 * 2 * layers * s * h  # QK^T and PV per token, causal not discounted
+    return 3 * tokens * (2 * dense + attention)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--ffn", type=int, default=1376)
+    parser.add_argument("--vocab", type=int, default=8000)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=5)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from megashear.config import ParallelConfig, TrainConfig
+    from megashear.model_config import ModelConfig
+    from megashear.training.batches import SyntheticBatches
+    from megashear.training.trainer import Trainer
+
+    cfg = ModelConfig(
+        args.layers, args.hidden, args.heads, args.heads, args.ffn, args.vocab, seq_length=args.seq
+    )
+    train = TrainConfig(
+        micro_batch_size=args.batch,
+        global_batch_size=args.batch,
+        train_iters=10**6,
+        lr_warmup_iters=0,
+        clip_grad=1.0,
+    )
+    trainer = Trainer(cfg, ParallelConfig(), train, SyntheticBatches(cfg.vocab_size, args.seq))
+
+    hf = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=cfg.vocab_size,
+            hidden_size=cfg.hidden_size,
+            intermediate_size=cfg.ffn_hidden_size,
+            num_hidden_layers=cfg.num_layers,
+            num_attention_heads=cfg.num_attention_heads,
+            num_key_value_heads=cfg.num_query_groups,
+            max_position_embeddings=args.seq,
+            rms_norm_eps=cfg.norm_epsilon,
+            tie_word_embeddings=False,
+            attn_implementation="sdpa",
+        )
+    )
+    opt = torch.optim.AdamW(hf.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1)
+    batch = SyntheticBatches(cfg.vocab_size, args.seq, seed=1).next_global_batch(args.batch)
+
+    def hf_step() -> float:
+        t = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        logits = hf(input_ids=batch["tokens"]).logits
+        loss = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), batch["labels"].reshape(-1)
+        )
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
+        opt.step()
+        return time.perf_counter() - t
+
+    def ms_step() -> float:
+        t = time.perf_counter()
+        trainer.train_step()
+        return time.perf_counter() - t
+
+    for _ in range(2):
+        hf_step(), ms_step()
+    ms_times, hf_times = [], []
+    for _ in range(args.steps):
+        ms_times.append(ms_step())
+        hf_times.append(hf_step())
+    ms, hft = statistics.median(ms_times), statistics.median(hf_times)
+    peak = matmul_peak()
+    flops = step_flops(cfg, args.batch * args.seq)
+    print(
+        f"shape: {cfg.num_parameters() / 1e6:.1f}M params, {args.layers} layers x "
+        f"{args.hidden} hidden, vocab {args.vocab}, batch {args.batch} x {args.seq} tokens, "
+        f"fp32, {torch.get_num_threads()} threads"
+    )
+    print(f"megashear TP1PP1 step      : {ms:.3f} s  ({flops / ms / 1e9:.1f} GFLOP/s)")
+    print(f"transformers + AdamW step  : {hft:.3f} s  ({flops / hft / 1e9:.1f} GFLOP/s)")
+    print(f"ratio megashear/transformers: {ms / hft:.3f}  (goal <= 1.0)")
+    print(
+        f"fp32 matmul peak            : {peak / 1e9:.1f} GFLOP/s; megashear reaches "
+        f"{100 * flops / ms / peak:.0f}% of it, transformers {100 * flops / hft / peak:.0f}%"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -6,7 +6,9 @@ laptop CPU; YAML files and command-line overrides fill them in.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from megashear.model_config import ModelConfig
 
 
 @dataclass
@@ -49,3 +51,61 @@ class CheckpointConfig:
     load: str | None = None
     save_interval: int | None = None
     keep_last: int = 2
+
+
+@dataclass
+class PruningConfig:
+    """Targeted structured pruning (REFERENCE §2-3).
+
+    ``target`` is a preset name (``sheared-llama-1.3b``, ...) or empty when the target shape is
+    given by the ``target_*`` fields.
+    """
+
+    target: str = ""
+    target_num_layers: int | None = None
+    target_hidden_size: int | None = None
+    target_num_attention_heads: int | None = None
+    target_num_query_groups: int | None = None
+    target_ffn_hidden_size: int | None = None
+    kinds: tuple[str, ...] = ("head", "intermediate", "layer", "hidden")
+    lagrangian_warmup_steps: int = 640
+    lr_log_alpha: float = 1.0
+    lr_lambda: float = 1.0
+    log_alpha_init_mean: float = 5.0
+    seed: int = 17
+
+
+@dataclass
+class DataConfig:
+    """Training data: a domain manifest (``tools/preprocess_data.py``) or synthetic tokens."""
+
+    manifest: str = ""
+    synthetic: bool = False
+    update_rule: str = "paper"  # paper | reference_code | constant
+    update_interval: int = 50
+    eta: float = 1.0
+    smoothing: float = 1e-4
+    eval_sequences_per_domain: int = 16
+    seed: int = 1234
+
+
+@dataclass
+class LoggingConfig:
+    """Where a run writes its resolved config, event log and TensorBoard scalars."""
+
+    dir: str = "runs/default"
+    tensorboard: bool = True
+
+
+@dataclass
+class RunConfig:
+    """Everything one ``megashear`` command needs. ``model_preset`` fills ``model``."""
+
+    model_preset: str = ""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    pruning: PruningConfig = field(default_factory=PruningConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)

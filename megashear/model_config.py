@@ -9,7 +9,7 @@ which pruned models need (a pruned model keeps the source head dim while hidden 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass
@@ -39,7 +39,6 @@ class ModelConfig:
     seq_length: int = 64
     rotary_base: float = 10000.0
     norm_epsilon: float = 1e-5
-    extra: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         if self.num_query_groups is None:
@@ -68,13 +67,11 @@ class ModelConfig:
         return self.num_layers * (attn + mlp + norms) + 2 * v * h + h
 
     def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d.pop("extra")
-        return d
+        return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> ModelConfig:
-        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - names
         if unknown:
             raise ValueError(

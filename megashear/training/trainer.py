@@ -41,7 +41,11 @@ def _loss_func(loss_mask: torch.Tensor, output: torch.Tensor):
 
 def forward_step(data_iterator, model):
     """megatron-core ``forward_step_func``: one micro-batch through one model chunk."""
-    batch = next(data_iterator)
+    return forward_batch(next(data_iterator), model)
+
+
+def forward_batch(batch: dict, model):
+    """Run one micro-batch ``[b, s]`` through ``model``; returns (output, loss_func)."""
     tokens = batch["tokens"]
     device = platform.default_device()
     # [b, s]
@@ -64,7 +68,8 @@ class Trainer:
         train_cfg: optimisation settings.
         batches: the global-batch source (identical on every rank).
         ckpt_cfg: checkpoint settings; ``load`` resumes, ``save`` + ``save_interval`` saves.
-        spec: a megatron-core layer spec; ``None`` for the plain LLaMA spec.
+        spec: a megatron-core layer spec, or a function of the ``TransformerConfig`` that
+            returns one; ``None`` for the plain LLaMA spec.
         forward_step_func: replaces :func:`forward_step` (the pruning run adds masks).
     """
 
@@ -96,8 +101,12 @@ class Trainer:
         bf16 = train_cfg.bf16 if train_cfg.bf16 is not None else platform.cuda_available()
         self.dtype = torch.bfloat16 if bf16 else torch.float32
         self.tconfig = build_transformer_config(model_cfg, par, self.dtype)
+        if callable(spec):
+            spec = spec(self.tconfig)
         self.spec = spec if spec is not None else layer_spec()
-        self.model = self._wrap_ddp(build_model(model_cfg, self.tconfig, self.spec))
+        chunks = build_model(model_cfg, self.tconfig, self.spec)
+        self.prepare_model(chunks)
+        self.model = self._wrap_ddp(chunks)
         self.optimizer = self._build_optimizer()
         self.scheduler = self._build_scheduler()
         self.iteration = 0
@@ -107,6 +116,13 @@ class Trainer:
             load_checkpoint(self, self.ckpt_cfg.load)
 
     # ---------------------------------------------------------------- construction
+
+    def prepare_model(self, chunks: list[torch.nn.Module]) -> None:
+        """Hook: change the bare model chunks before DDP wrapping and optimizer creation."""
+
+    def optimizer_overrides(self) -> dict | None:
+        """Hook: megatron-core ``config_overrides`` (per-parameter-group LR / weight decay)."""
+        return None
 
     def _wrap_ddp(self, chunks: list[torch.nn.Module]) -> list[torch.nn.Module]:
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
@@ -158,7 +174,9 @@ class Trainer:
     def _build_optimizer(self):
         from megatron.core.optimizer import get_megatron_optimizer
 
-        optimizer = get_megatron_optimizer(self.optimizer_config(), self.model)
+        optimizer = get_megatron_optimizer(
+            self.optimizer_config(), self.model, config_overrides=self.optimizer_overrides()
+        )
         platform.install_cpu_support()
         return optimizer
 
@@ -224,10 +242,14 @@ class Trainer:
         start = time.perf_counter()
         batch = self.batches.next_global_batch(self.cfg.global_batch_size)
         microbatches = split_for_rank(batch, self.dp_rank, self.dp_size, self.cfg.micro_batch_size)
+        for i, mb in enumerate(microbatches):
+            mb["iteration"] = self.iteration
+            mb["microbatch"] = self.dp_rank * len(microbatches) + i  # global index
         for chunk in self.model:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
         reports = self.run_schedule(microbatches, forward_only=False)
+        extra = self.after_backward()
         update_ok, grad_norm, _ = self.optimizer.step()
         if not update_ok:
             raise FloatingPointError(f"optimizer step {self.iteration + 1} was skipped")
@@ -237,6 +259,7 @@ class Trainer:
         elapsed = time.perf_counter() - start
         tokens = batch["loss_mask"].numel()
         return {
+            **extra,
             "iteration": self.iteration,
             "loss": loss,
             "lr": self.optimizer.param_groups[0]["lr"],
@@ -244,6 +267,10 @@ class Trainer:
             "tokens_per_s": tokens / elapsed,
             "step_time": elapsed,
         }
+
+    def after_backward(self) -> dict[str, float]:
+        """Hook between the schedule's backward and the optimizer step; returns extra stats."""
+        return {}
 
     @torch.no_grad()
     def evaluate(self, batch: dict[str, torch.Tensor]) -> float:

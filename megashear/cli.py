@@ -1,0 +1,144 @@
+"""The ``megashear`` command: ``train`` (continued pre-training), ``prune``, ``finalize``,
+``evaluate``.
+
+Each sub-command takes ``--config FILE.yaml`` (repeatable; later files win) and one
+``--section.field=value`` flag per config field (see :mod:`megashear.config_io`). Launch it with
+torchrun for several ranks; a plain ``megashear ...`` is a world of one. Bad input (unknown key,
+wrong type, missing file, infeasible target) ends with a one-line ``error:`` and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+
+from megashear import config_io
+from megashear.config import RunConfig
+from megashear.config_io import ConfigError
+from megashear.model_config import get_preset
+
+logger = logging.getLogger("megashear")
+
+
+class UsageError(ValueError):
+    """Bad input from the user: reported as one line, exit code 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="megashear", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, help_text in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text[1])
+        p.add_argument("--config", action="append", default=[], help="YAML config file(s)")
+        config_io.add_arguments(p, RunConfig)
+    return parser
+
+
+def resolve_config(args: argparse.Namespace) -> RunConfig:
+    """YAML files and overrides -> RunConfig; ``model_preset`` supplies the model defaults."""
+    preset = None
+    for path in args.config:
+        preset = config_io.load_yaml(path).get("model_preset", preset)
+    preset = getattr(args, "cfg:model_preset", preset)
+    base = {}
+    if preset:
+        try:
+            base = {"model": get_preset(str(preset)).to_dict()}
+        except ValueError as exc:
+            raise ConfigError(f"config key 'model_preset': {exc}") from exc
+    return config_io.resolve(RunConfig, args.config, args, base=base)
+
+
+def _is_rank0() -> bool:
+    import torch.distributed as dist
+
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def write_resolved_config(cfg: RunConfig) -> None:
+    """Rank 0 writes the resolved config beside the logs and the checkpoints."""
+    if not _is_rank0():
+        return
+    for directory in {cfg.logging.dir, cfg.checkpoint.save}:
+        if directory:
+            os.makedirs(directory, exist_ok=True)
+            config_io.dump_yaml(cfg, os.path.join(directory, "config.yaml"))
+
+
+def make_batches(cfg: RunConfig):
+    """The training data source named by the config."""
+    from megashear.training.batches import SyntheticBatches
+
+    if cfg.data.synthetic or not cfg.data.manifest:
+        if not cfg.data.synthetic:
+            raise UsageError("no training data: set data.manifest or data.synthetic=true")
+        return SyntheticBatches(cfg.model.vocab_size, cfg.model.seq_length, cfg.data.seed)
+    from megashear.data.loader import manifest_batches
+
+    return manifest_batches(cfg)
+
+
+def run_training(trainer, cfg: RunConfig, log, kind: str = "train") -> list[dict]:
+    """Train to ``train.train_iters`` with a rank-0 progress bar, logging and checkpoints."""
+    from tqdm import tqdm
+
+    total = cfg.train.train_iters
+    bar = tqdm(
+        total=total, initial=trainer.iteration, disable=not _is_rank0(), desc=kind, unit="step"
+    )
+
+    def on_step(stats: dict) -> None:
+        bar.update(1)
+        bar.set_postfix(loss=f"{stats['loss']:.4f}", tok_s=f"{stats['tokens_per_s']:.0f}")
+        log.log(kind, stats["iteration"], stats)
+
+    try:
+        return trainer.train(callback=on_step)
+    finally:
+        bar.close()
+
+
+def cmd_train(cfg: RunConfig) -> None:
+    from megashear.training.run_log import RunLog
+    from megashear.training.trainer import Trainer
+
+    trainer = Trainer(cfg.model, cfg.parallel, cfg.train, make_batches(cfg), cfg.checkpoint)
+    write_resolved_config(cfg)
+    log = RunLog(cfg.logging.dir, enabled=_is_rank0(), tensorboard=cfg.logging.tensorboard)
+    start = time.time()
+    history = run_training(trainer, cfg, log)
+    interval = cfg.checkpoint.save_interval
+    if cfg.checkpoint.save and not (history and interval and trainer.iteration % interval == 0):
+        trainer.save()
+    log.log("summary", trainer.iteration, {"seconds": time.time() - start})
+    log.close()
+
+
+COMMANDS = {
+    "train": (cmd_train, "continued pre-training of a (pruned) model"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = resolve_config(args)
+        COMMANDS[args.command][0](cfg)
+    except (ValueError, FileNotFoundError) as exc:
+        # ConfigError, UsageError, CheckpointError and the library's validation errors
+        # (shapes, layouts, targets) are all ValueErrors with one-line messages.
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        from megashear.parallel import destroy
+
+        destroy()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

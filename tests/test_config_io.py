@@ -1,0 +1,72 @@
+"""YAML + dotted overrides into the config dataclasses, strictly checked."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from megashear import config_io
+from megashear.config import RunConfig
+from megashear.config_io import ConfigError
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    config_io.add_arguments(parser, RunConfig)
+    return parser.parse_args(argv)
+
+
+def test_every_flag_is_a_config_field_and_back():
+    parser = argparse.ArgumentParser()
+    config_io.add_arguments(parser, RunConfig)
+    flags = {a.option_strings[0][2:] for a in parser._actions if a.dest.startswith("cfg:")}
+    assert flags == {k for k, _ in config_io.leaf_keys(RunConfig)}
+    assert "pruning.lagrangian_warmup_steps" in flags and "model.hidden_size" in flags
+
+
+def test_yaml_then_overrides(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("train:\n  lr: 0.001\n  train_iters: 7\npruning:\n  kinds: [head, layer]\n")
+    cfg = config_io.resolve(
+        RunConfig, [str(path)], parse(["--train.lr=2e-4", "--pruning.lagrangian_warmup_steps=640"])
+    )
+    assert cfg.train.lr == 2e-4 and cfg.train.train_iters == 7
+    assert cfg.pruning.kinds == ("head", "layer")
+    assert cfg.pruning.lagrangian_warmup_steps == 640
+    # round trip through YAML
+    out = tmp_path / "resolved.yaml"
+    config_io.dump_yaml(cfg, str(out))
+    assert config_io.resolve(RunConfig, [str(out)], parse([])) == cfg
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--train.lr=fast"], "config key 'train.lr': expected a number, got 'fast'"),
+        (["--train.train_iters=1.5"], "config key 'train.train_iters': expected an integer"),
+        (["--parallel.sequence_parallel=maybe"], "expected true or false"),
+    ],
+)
+def test_wrong_types_name_the_key(argv, message):
+    with pytest.raises(ConfigError, match=message.replace("(", "\\(").replace(")", "\\)")):
+        config_io.resolve(RunConfig, [], parse(argv))
+
+
+def test_unknown_key_lists_allowed(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("train:\n  learning_rate: 1\n")
+    with pytest.raises(ConfigError) as info:
+        config_io.resolve(RunConfig, [str(path)], parse([]))
+    msg = str(info.value)
+    assert "unknown config key 'train.learning_rate'" in msg and "lr" in msg and "\n" not in msg
+
+
+def test_unknown_flag_is_rejected_by_the_parser():
+    with pytest.raises(SystemExit):
+        parse(["--train.nope=1"])
+
+
+def test_missing_file():
+    with pytest.raises(ConfigError, match="does not exist"):
+        config_io.resolve(RunConfig, ["/nonexistent.yaml"], parse([]))

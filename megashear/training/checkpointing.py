@@ -193,6 +193,7 @@ def save_checkpoint(trainer, root: str, keep_last: int = 2, extra: dict | None =
     state["iteration"] = trainer.iteration
     state["data"] = trainer.batches.state_dict()
     state["rng_state"] = _rng_sharded_object()
+    state["extra"] = trainer.extra_state()
     if extra:
         state.update(extra)
     meta = {
@@ -200,12 +201,17 @@ def save_checkpoint(trainer, root: str, keep_last: int = 2, extra: dict | None =
         "layout": _layout(),
         "iteration": trainer.iteration,
         "contents": ["model", "optimizer", "scheduler", "data", "rng"],
+        **trainer.extra_meta(),
     }
     return _atomic_dist_save(root, trainer.iteration, state, meta, keep_last)
 
 
 def save_model_checkpoint(
-    model: list[torch.nn.Module], cfg: ModelConfig, root: str, iteration: int = 0
+    model: list[torch.nn.Module],
+    cfg: ModelConfig,
+    root: str,
+    iteration: int = 0,
+    extra_meta: dict | None = None,
 ) -> str:
     """Save the weights alone (a converted, initial or finalised model), loadable at any layout."""
     meta = {
@@ -213,6 +219,7 @@ def save_model_checkpoint(
         "layout": _layout(),
         "iteration": iteration,
         "contents": ["model"],
+        **(extra_meta or {}),
     }
     return _atomic_dist_save(root, iteration, _model_sharded_state_dict(model), meta, keep_last=0)
 
@@ -262,6 +269,7 @@ def load_checkpoint(trainer, path: str) -> None:
         trainer.scheduler.load_state_dict(loaded["scheduler"])
         trainer.iteration = int(loaded["iteration"])
         trainer.batches.load_state_dict(loaded["data"])
+        trainer.load_extra_state(loaded.get("extra") or {})
         if same_layout and loaded.get("rng_state") is not None:
             from megatron.core.tensor_parallel import get_cuda_rng_tracker
 

@@ -253,6 +253,7 @@ class Trainer:
         update_ok, grad_norm, _ = self.optimizer.step()
         if not update_ok:
             raise FloatingPointError(f"optimizer step {self.iteration + 1} was skipped")
+        self.after_optimizer_step()
         self.scheduler.step(increment=self.cfg.global_batch_size)
         self.iteration += 1
         loss = self.reduce_loss(reports)
@@ -268,20 +269,88 @@ class Trainer:
             "step_time": elapsed,
         }
 
+    def extra_meta(self) -> dict:
+        """Hook: more entries for the checkpoint's ``megashear.json``."""
+        return {}
+
+    def extra_state(self) -> dict:
+        """Hook: more state for the checkpoint (identical on every rank; saved once)."""
+        return {}
+
+    def load_extra_state(self, state: dict) -> None:
+        """Hook: restore what :meth:`extra_state` saved."""
+
+    def after_optimizer_step(self) -> None:
+        """Hook: right after a successful optimizer step."""
+
     def after_backward(self) -> dict[str, float]:
         """Hook between the schedule's backward and the optimizer step; returns extra stats."""
         return {}
 
     @torch.no_grad()
+    def run_schedule_eval(self, batch: dict[str, torch.Tensor]) -> list[dict]:
+        """Forward-only schedule over this rank's slice of ``batch`` in eval mode."""
+        for chunk in self.model:
+            chunk.eval()
+        try:
+            microbatches = split_for_rank(
+                batch, self.dp_rank, self.dp_size, self.cfg.micro_batch_size
+            )
+            return self.run_schedule(microbatches, forward_only=True)
+        finally:
+            for chunk in self.model:
+                chunk.train()
+
     def evaluate(self, batch: dict[str, torch.Tensor]) -> float:
         """Token-weighted mean loss of a global batch, forward only."""
+        return self.reduce_loss(self.run_schedule_eval(batch))
+
+    @torch.no_grad()
+    def gather_logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Full logits ``[B, s, v]`` of a global batch on every rank (for tests and tools)."""
+        from megatron.core import parallel_state as ps
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+        from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+        def step(data_iterator, model):
+            mb = next(data_iterator)
+            tokens = mb["tokens"].to(platform.default_device())
+            pos = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
+            out = model(tokens, pos, None)
+
+            def collect(output, non_loss_data=False):
+                # [b, s, v/tp] -> [b, s, v]
+                return gather_from_tensor_model_parallel_region(output).float()
+
+            return out, collect
+
         for chunk in self.model:
             chunk.eval()
         microbatches = split_for_rank(batch, self.dp_rank, self.dp_size, self.cfg.micro_batch_size)
-        reports = self.run_schedule(microbatches, forward_only=True)
+        outputs = get_forward_backward_func()(
+            forward_step_func=step,
+            data_iterator=self._data_iterators(microbatches),
+            model=self.model,
+            num_microbatches=len(microbatches),
+            seq_length=batch["tokens"].shape[1],
+            micro_batch_size=self.cfg.micro_batch_size,
+            forward_only=True,
+            collect_non_loss_data=True,
+        )
         for chunk in self.model:
             chunk.train()
-        return self.reduce_loss(reports)
+        b, s = batch["tokens"].shape
+        local = torch.zeros(b // self.dp_size, s, self.model_cfg.vocab_size)
+        if ps.is_pipeline_last_stage(ignore_virtual=True):
+            local = torch.cat(list(outputs), dim=0).cpu()
+        if ps.get_pipeline_model_parallel_world_size() > 1:
+            last = ps.get_pipeline_model_parallel_last_rank()
+            dist.broadcast(local, src=last, group=ps.get_pipeline_model_parallel_group())
+        if self.dp_size == 1:
+            return local
+        parts = [torch.empty_like(local) for _ in range(self.dp_size)]
+        dist.all_gather(parts, local, group=ps.get_data_parallel_group())
+        return torch.cat(parts, dim=0)
 
     def train(
         self, iterations: int | None = None, callback: Callable[[dict], None] | None = None

@@ -1,0 +1,327 @@
+"""Hard-concrete masks on megatron-core LLaMA: a mask bank per model chunk and masked leaves.
+
+The big modules (``GPTModel``, ``TransformerLayer``, ``SelfAttention``, ``MLP``) keep their
+megatron-core forwards. Only leaves of megatron-core's own local spec are swapped:
+
+==================  =====================================================================
+leaf                what it multiplies
+==================  =====================================================================
+``linear_proj``     input ``[s, b, np*hn]`` by ``z_head`` per head; output ``[s, b, h]`` by
+                    ``z_head_layer * z_layer * z_hidden``
+``linear_fc2``      input ``[s, b, f/tp]`` by ``z_intermediate``; output by
+                    ``z_mlp * z_layer * z_hidden``
+RMSNorm (all)       variance over the kept hidden dims only, then ``* weight * z_hidden``
+embedding           output ``[s, b, h]`` by ``z_hidden`` (a forward hook on the embedding)
+==================  =====================================================================
+
+The log α parameters of one chunk live in its :class:`MaskBank` (``chunk.mask_bank``), sharded
+like the weights they mask:
+
+=================  ==============  ==================================  =========================
+kind               local shape     tensor parallel                     pipeline parallel
+=================  ==============  ==================================  =========================
+``hidden``         ``[h]``         replicated                          replicated on every stage
+``head``           ``[Ll, a/tp]``  split like the query heads of QKV   this stage's layers
+``intermediate``   ``[Ll, f/tp]``  split like ``linear_fc2``'s input   this stage's layers
+``head_layer``,    ``[Ll]``        replicated                          this stage's layers
+``mlp``, ``layer``
+=================  ==============  ==================================  =========================
+
+``Ll`` is the number of layers on this stage. Sampling noise is drawn over the full unsharded
+length from a generator keyed on (seed, iteration, global micro-batch, global layer, kind) and
+then sliced, so the sampled masks are the same for every TP/PP/DP layout.
+
+Virtual pipeline stages are not supported with masks (a rank would hold two replicas of the
+hidden mask).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from megashear.pruning import hard_concrete as hc
+
+logger = logging.getLogger(__name__)
+
+ALL_KINDS = hc.ALL_KINDS
+HIDDEN_LAYER_KEY = -1  # the "global layer" of the hidden mask in the noise key
+
+
+class MaskBank(nn.Module):
+    """The log α of one model chunk and the mask values of the current forward pass.
+
+    Args:
+        kinds: the pruned mask kinds.
+        hidden_size, num_heads, ffn_hidden_size: full (unsharded) sizes ``h``, ``a``, ``f``.
+        layer_numbers: global 0-based indices of this chunk's layers.
+        tp_rank, tp_size: this rank's tensor-parallel position.
+        seed: keys the sampling noise.
+        init_mean: mean of the log α initialisation (REFERENCE: N(5, 0.01)).
+    """
+
+    def __init__(
+        self,
+        kinds: tuple[str, ...],
+        hidden_size: int,
+        num_heads: int,
+        ffn_hidden_size: int,
+        num_layers: int,
+        layer_numbers: list[int],
+        tp_rank: int = 0,
+        tp_size: int = 1,
+        seed: int = 0,
+        init_mean: float = hc.INIT_MEAN,
+    ) -> None:
+        super().__init__()
+        unknown = set(kinds) - set(ALL_KINDS)
+        if unknown:
+            raise ValueError(f"unknown mask kinds {sorted(unknown)}; allowed: {list(ALL_KINDS)}")
+        self.kinds = tuple(k for k in ALL_KINDS if k in kinds)
+        self.full = {"hidden": hidden_size, "head": num_heads, "intermediate": ffn_hidden_size}
+        self.num_layers = num_layers
+        self.layer_numbers = list(layer_numbers)
+        self.tp_rank, self.tp_size, self.seed = tp_rank, tp_size, seed
+        n_local = len(layer_numbers)
+        shapes = {
+            "hidden": (hidden_size,),
+            "head": (n_local, num_heads // tp_size),
+            "intermediate": (n_local, ffn_hidden_size // tp_size),
+            "head_layer": (n_local,),
+            "mlp": (n_local,),
+            "layer": (n_local,),
+        }
+        for kind in self.kinds:
+            param = nn.Parameter(hc.init_log_alpha(shapes[kind], mean=init_mean))
+            param.mask_kind = kind
+            if kind in ("head", "intermediate"):
+                # megatron's grad-norm and optimizer treat it like a TP-split weight.
+                param.tensor_model_parallel = True
+                param.partition_dim = 1
+                param.partition_stride = 1
+            self.register_parameter(f"{kind}_log_alpha", param)
+        self.z: dict[str, torch.Tensor] | None = None
+
+    # ----------------------------------------------------------------- mask values
+
+    def log_alpha(self, kind: str) -> torch.Tensor:
+        return getattr(self, f"{kind}_log_alpha")
+
+    def _tp_slice(self, kind: str) -> slice:
+        n = self.full[kind] // self.tp_size
+        return slice(self.tp_rank * n, (self.tp_rank + 1) * n)
+
+    def sample(self, iteration: int, microbatch: int) -> None:
+        """Draw training masks for one forward pass (differentiable in log α)."""
+        z = {}
+        for kind in self.kinds:
+            la = self.log_alpha(kind)
+            if kind == "hidden":
+                u = hc.mask_noise(
+                    self.seed, iteration, microbatch, HIDDEN_LAYER_KEY, kind, self.full[kind]
+                )
+                z[kind] = hc.sample_mask(la, u.to(la))
+            elif kind in ("head", "intermediate"):
+                sl = self._tp_slice(kind)
+                rows = [
+                    hc.mask_noise(self.seed, iteration, microbatch, layer, kind, self.full[kind])[
+                        sl
+                    ]
+                    for layer in self.layer_numbers
+                ]
+                z[kind] = hc.sample_mask(la, torch.stack(rows).to(la))
+            else:
+                u = torch.stack(
+                    [
+                        hc.mask_noise(self.seed, iteration, microbatch, layer, kind, 1)[0]
+                        for layer in self.layer_numbers
+                    ]
+                )
+                z[kind] = hc.sample_mask(la, u.to(la))
+        self.z = z
+
+    def set_masks(self, z: dict[str, torch.Tensor] | None) -> None:
+        """Use fixed mask values (this chunk's local slices), e.g. deterministic masks."""
+        self.z = z
+
+    def local_slices(self, full: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """This chunk's part of full masks (``hidden [h]``, ``head [L, a]``, ... ``layer [L]``)."""
+        out = {}
+        rows = torch.tensor(self.layer_numbers, dtype=torch.long)
+        for kind in self.kinds:
+            value = full[kind]
+            if kind == "hidden":
+                out[kind] = value
+            elif kind in ("head", "intermediate"):
+                out[kind] = value[rows][:, self._tp_slice(kind)]
+            else:
+                out[kind] = value[rows]
+        return {k: v.to(self.log_alpha(k)) for k, v in out.items()}
+
+    def value(self, kind: str, local_layer: int | None = None) -> torch.Tensor | None:
+        """The current mask of ``kind`` (for one local layer), or None when not pruned/set."""
+        if self.z is None or kind not in self.z:
+            return None
+        v = self.z[kind]
+        return v if local_layer is None or kind == "hidden" else v[local_layer]
+
+    # ----------------------------------------------------------------- checkpointing
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None) -> dict:
+        """Declare every log α with its TP axis and its layer axis (see module docstring)."""
+        from megatron.core import parallel_state as ps
+        from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+        pp_rank, pp = (
+            ps.get_pipeline_model_parallel_rank(),
+            ps.get_pipeline_model_parallel_world_size(),
+        )
+        dp_rank = ps.get_data_parallel_rank(with_context_parallel=True)
+        out = {}
+        for kind in self.kinds:
+            key = f"{prefix}{kind}_log_alpha"
+            t = self.log_alpha(kind)
+            if kind == "hidden":
+                out[key] = ShardedTensor.from_rank_offsets(
+                    key, t, replica_id=(pp_rank, self.tp_rank, dp_rank)
+                )
+            elif kind in ("head", "intermediate"):
+                out[key] = ShardedTensor.from_rank_offsets(
+                    key, t, (0, pp_rank, pp), (1, self.tp_rank, self.tp_size), replica_id=dp_rank
+                )
+            else:
+                out[key] = ShardedTensor.from_rank_offsets(
+                    key, t, (0, pp_rank, pp), replica_id=(self.tp_rank, dp_rank)
+                )
+        return out
+
+
+def _bank_of(module: nn.Module) -> MaskBank | None:
+    return module.__dict__.get("_mask_bank")
+
+
+def _attach(module: nn.Module, bank: MaskBank, local_layer: int | None) -> None:
+    # Plain attributes: the bank must not become a child (its parameters would be counted twice).
+    module.__dict__["_mask_bank"] = bank
+    module.__dict__["_mask_layer"] = local_layer
+
+
+def masked_rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, z_hidden: torch.Tensor | None
+) -> torch.Tensor:
+    """RMSNorm over ``[..., h]``; under a hidden mask the variance is over kept dims only."""
+    if z_hidden is None:
+        return torch.nn.functional.rms_norm(x, (x.shape[-1],), weight, eps)
+    keep = (z_hidden != 0).to(x.dtype)  # [h]
+    variance = (x.pow(2) * keep).sum(-1, keepdim=True) / keep.sum().clamp(min=1)
+    return x * torch.rsqrt(variance + eps) * (weight * z_hidden)
+
+
+class MaskedRMSNorm(nn.Module):
+    """RMSNorm leaf (same ``weight`` key as megatron's torch norm) that honours the hidden mask."""
+
+    def __init__(self, config, hidden_size: int, eps: float = 1e-5, **kwargs) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bank = _bank_of(self)
+        z = bank.value("hidden") if bank is not None else None
+        return masked_rms_norm(x, self.weight, self.eps, z)
+
+
+def _masked_row_parallel(base: type) -> type:
+    """A subclass of megatron's ``RowParallelLinear`` that masks its input and its output."""
+
+    class MaskedRowParallelLinear(base):
+        input_mask_kind: str | None = None  # "head" or "intermediate"; set by the spec
+        output_gate_kind: str | None = None  # "head_layer" or "mlp"
+        head_dim: int = 1
+
+        def forward(self, input_: torch.Tensor):
+            bank = _bank_of(self)
+            if bank is None or bank.z is None:
+                return super().forward(input_)
+            layer = self.__dict__["_mask_layer"]
+            z_in = bank.value(self.input_mask_kind, layer)
+            if z_in is not None:
+                s, b, width = input_.shape
+                if self.input_mask_kind == "head":
+                    # [s, b, np*hn] -> [s, b, np, hn] * z[np] -> [s, b, np*hn]
+                    input_ = (input_.view(s, b, -1, self.head_dim) * z_in[:, None]).view(
+                        s, b, width
+                    )
+                else:
+                    input_ = input_ * z_in  # [s, b, f/tp] * [f/tp]
+            output, bias = super().forward(input_)
+            scale = None
+            for kind, idx in ((self.output_gate_kind, layer), ("layer", layer), ("hidden", None)):
+                v = bank.value(kind, idx)
+                if v is not None:
+                    scale = v if scale is None else scale * v
+            if scale is not None:
+                output = output * scale  # [s, b, h] * ([h] or scalar)
+            return output, bias
+
+    MaskedRowParallelLinear.__name__ = f"Masked{base.__name__}"
+    return MaskedRowParallelLinear
+
+
+def _make_leaf(kind_in: str, gate: str, head_dim: int) -> type:
+    from megatron.core.tensor_parallel import RowParallelLinear
+
+    cls = _masked_row_parallel(RowParallelLinear)
+    return type(
+        f"Masked{kind_in.capitalize()}Projection",
+        (cls,),
+        {"input_mask_kind": kind_in, "output_gate_kind": gate, "head_dim": head_dim},
+    )
+
+
+def masked_layer_spec(head_dim: int):
+    """megatron-core's local LLaMA spec with the masked leaves swapped in (see module doc)."""
+    from megashear.models.llama import layer_spec
+
+    spec = layer_spec(use_te=False)
+    sub = spec.submodules
+    sub.input_layernorm = MaskedRMSNorm
+    sub.pre_mlp_layernorm = MaskedRMSNorm
+    sub.self_attention.submodules.linear_proj = _make_leaf("head", "head_layer", head_dim)
+    sub.mlp.submodules.linear_fc2 = _make_leaf("intermediate", "mlp", head_dim)
+    return spec
+
+
+def masked_block_spec(tconfig, head_dim: int):
+    """A block spec for this pipeline stage, so that the final norm is masked too."""
+    from megatron.core.transformer.transformer_block import (
+        TransformerBlockSubmodules,
+        get_num_layers_to_build,
+    )
+
+    layer = masked_layer_spec(head_dim)
+    n_local = get_num_layers_to_build(tconfig)
+    return TransformerBlockSubmodules(layer_specs=[layer] * n_local, layer_norm=MaskedRMSNorm)
+
+
+def attach_mask_bank(chunk: nn.Module, bank: MaskBank) -> None:
+    """Register ``bank`` on a ``GPTModel`` chunk and point every masked leaf at it."""
+    chunk.mask_bank = bank
+    position = {g: i for i, g in enumerate(bank.layer_numbers)}
+    for layer in chunk.decoder.layers:
+        local = position[layer.layer_number - 1]
+        for module in layer.modules():
+            if isinstance(module, MaskedRMSNorm) or hasattr(module, "input_mask_kind"):
+                _attach(module, bank, local)
+    final_norm = getattr(chunk.decoder, "final_layernorm", None)
+    if final_norm is not None:
+        _attach(final_norm, bank, None)
+    if getattr(chunk, "embedding", None) is not None and "hidden" in bank.kinds:
+
+        def scale_embedding(module, args, output):
+            z = bank.value("hidden")
+            return output if z is None else output * z  # [s, b, h] * [h]
+
+        chunk.embedding.register_forward_hook(scale_embedding)

@@ -1,0 +1,286 @@
+"""The pruning run: the masked model trains on LM loss + Lagrangian under any TP/PP/DP.
+
+On top of :class:`Trainer` this adds, per step:
+
+1. masks sampled per micro-batch from keyed noise (identical for every layout);
+2. after the schedule's backward, the Lagrangian term: the expected sparsity of every pruned
+   kind is made global (TP partial sums all-reduced, per-layer rows all-gathered over PP) with
+   gradients flowing only into this rank's own log α, and its gradient is added to the mask
+   gradients; the hidden mask's gradient is then summed over pipeline stages;
+3. λ takes a gradient-ascent step with its own AdamW (``maximize=True``), and the model and log α
+   take their step in megatron's optimizer (log α in its own parameter group, no weight decay).
+
+Evaluation uses the deterministic masks (REFERENCE §2), computed from the gathered full log α.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.distributed as dist
+
+from megashear.config import CheckpointConfig, ParallelConfig, PruningConfig, TrainConfig
+from megashear.model_config import ModelConfig
+from megashear.models.masked import MaskBank, attach_mask_bank, masked_block_spec
+from megashear.pruning import hard_concrete as hc
+from megashear.pruning.lagrangian import Lagrangian, expected_num_parameters
+from megashear.training.batches import BatchSource
+from megashear.training.trainer import Trainer, forward_batch
+
+logger = logging.getLogger(__name__)
+
+LAYER_KINDS = ("head_layer", "mlp", "layer")
+
+
+def masked_forward_step(data_iterator, model):
+    """``forward_step_func`` of the pruning run: sample (training) masks, then forward."""
+    batch = next(data_iterator)
+    bank = getattr(model, "module", model).mask_bank
+    if model.training:
+        bank.sample(int(batch["iteration"]), int(batch["microbatch"]))
+    return forward_batch(batch, model)
+
+
+def _gather_rows(local: torch.Tensor, group) -> torch.Tensor:
+    """Concatenate ``[Ll, ...]`` tensors of every rank of ``group`` along dim 0 (detached)."""
+    world = dist.get_world_size(group)
+    if world == 1:
+        return local.detach()
+    parts = [torch.empty_like(local) for _ in range(world)]
+    dist.all_gather(parts, local.detach().contiguous(), group=group)
+    return torch.cat(parts, dim=0)
+
+
+class PruningTrainer(Trainer):
+    """Trainer for the masked model. ``target_cfg`` is the shape to prune toward."""
+
+    def __init__(
+        self,
+        model_cfg: ModelConfig,
+        target_cfg: ModelConfig,
+        pruning_cfg: PruningConfig,
+        par: ParallelConfig,
+        train_cfg: TrainConfig,
+        batches: BatchSource,
+        ckpt_cfg: CheckpointConfig | None = None,
+    ) -> None:
+        from megashear.pruning.targets import target_sparsities, validate_target
+
+        if par.vpp is not None:
+            raise ValueError("pruning does not support virtual pipeline stages (vpp)")
+        validate_target(model_cfg, target_cfg)
+        self.target_cfg, self.pcfg = target_cfg, pruning_cfg
+        self.kinds = tuple(pruning_cfg.kinds)
+        self.targets = target_sparsities(model_cfg, target_cfg, self.kinds)
+        self.lagrangian = Lagrangian(self.targets, pruning_cfg.lagrangian_warmup_steps)
+        self.lambda_optimizer = self.lagrangian.make_optimizer(lr=pruning_cfg.lr_lambda)
+        super().__init__(
+            model_cfg,
+            par,
+            train_cfg,
+            batches,
+            ckpt_cfg,
+            spec=lambda tconfig: masked_block_spec(tconfig, model_cfg.head_dim),
+            forward_step_func=masked_forward_step,
+        )
+
+    # ---------------------------------------------------------------- construction
+
+    def prepare_model(self, chunks: list[torch.nn.Module]) -> None:
+        from megatron.core import parallel_state as ps
+
+        cfg = self.model_cfg
+        for chunk in chunks:
+            layers = [layer.layer_number - 1 for layer in chunk.decoder.layers]
+            bank = MaskBank(
+                self.kinds,
+                cfg.hidden_size,
+                cfg.num_attention_heads,
+                cfg.ffn_hidden_size,
+                cfg.num_layers,
+                layers,
+                tp_rank=ps.get_tensor_model_parallel_rank(),
+                tp_size=ps.get_tensor_model_parallel_world_size(),
+                seed=self.pcfg.seed,
+                init_mean=self.pcfg.log_alpha_init_mean,
+            ).to(next(chunk.parameters()).device)
+            if ps.get_pipeline_model_parallel_rank() > 0 and "hidden" in self.kinds:
+                # Replicated on every stage: megatron's grad norm counts "shared" params once.
+                bank.hidden_log_alpha.shared = True
+            attach_mask_bank(chunk, bank)
+        self.banks = [c.mask_bank for c in chunks]
+
+    def optimizer_overrides(self) -> dict:
+        """log α in its own group: peak LR ``lr_log_alpha`` on the model's schedule, no decay.
+
+        ``max_lr``/``min_lr`` set the group's schedule (min scaled like the model's). megatron
+        matches checkpointed groups by ``(wd_mult, lr_mult, ...)``, and the scheduler of 0.16
+        does not read ``lr_mult``; so ``lr_mult`` carries the LR ratio only to tell this group
+        apart from the norms' (``wd_mult`` 0 too).
+        """
+        from megatron.core.optimizer import ParamKey, get_standard_config_overrides
+
+        if self.cfg.lr <= 0:
+            raise ValueError(f"train.lr must be positive, got {self.cfg.lr}")
+        ratio = self.pcfg.lr_log_alpha / self.cfg.lr
+        overrides = get_standard_config_overrides(self.optimizer_config())
+        overrides[ParamKey(attr="mask_kind")] = {
+            "max_lr": self.pcfg.lr_log_alpha,
+            "min_lr": self.cfg.min_lr * ratio,
+            "lr_mult": ratio if ratio != 1.0 else 1.0 + 1e-9,
+            "wd_mult": 0.0,
+        }
+        return overrides
+
+    # ---------------------------------------------------------------- expected sparsity
+
+    def expected_sparsity(self) -> dict[str, torch.Tensor]:
+        """Global expected sparsity per kind; gradients reach only this rank's own log α.
+
+        ``head`` and ``intermediate`` are per-layer vectors ``[L]``; the others are scalars.
+        """
+        from megatron.core import parallel_state as ps
+
+        bank = self.banks[0]
+        tp_group = ps.get_tensor_model_parallel_group()
+        pp_group = ps.get_pipeline_model_parallel_group()
+        first_stage = ps.get_pipeline_model_parallel_rank() == 0
+        out = {}
+        for kind in self.kinds:
+            keep = hc.keep_probability(bank.log_alpha(kind))
+            if kind == "hidden":
+                kept = keep.sum()
+                if not first_stage:
+                    kept = kept.detach()  # its Lagrangian gradient is counted on stage 0 only
+                out[kind] = 1 - kept / bank.full[kind]
+                continue
+            if kind in ("head", "intermediate"):
+                kept = keep.sum(dim=1)  # [Ll], this rank's share of each layer
+                total = kept.detach().clone()
+                dist.all_reduce(total, group=tp_group)
+                kept = kept + (total - kept.detach())  # value: all TP ranks; grad: own share
+            else:
+                kept = keep  # [Ll]
+            rows = _gather_rows(kept, pp_group)  # [L], detached
+            rank = ps.get_pipeline_model_parallel_rank()
+            n = kept.shape[0]
+            full = torch.cat([rows[: rank * n], kept, rows[(rank + 1) * n :]])  # live local rows
+            if kind in ("head", "intermediate"):
+                out[kind] = 1 - full / bank.full[kind]
+            else:
+                out[kind] = 1 - full.sum() / self.model_cfg.num_layers
+        return out
+
+    # ---------------------------------------------------------------- stepping
+
+    def after_backward(self) -> dict[str, float]:
+        from megatron.core import parallel_state as ps
+
+        sparsity = self.expected_sparsity()
+        self.lambda_optimizer.zero_grad(set_to_none=True)
+        lag_loss = self.lagrangian(sparsity, self.iteration)
+        lag_loss.backward()
+        bank = self.banks[0]
+        if "hidden" in self.kinds and ps.get_pipeline_model_parallel_world_size() > 1:
+            grad = bank.hidden_log_alpha.main_grad
+            dist.all_reduce(grad, group=ps.get_pipeline_model_parallel_group())
+        self.lambda_optimizer.step()
+        stats = {"lagrangian": float(lag_loss.detach())}
+        for kind, value in sparsity.items():
+            stats[f"expected_sparsity/{kind}"] = float(value.detach().mean())
+            stats[f"target_sparsity/{kind}"] = float(
+                self.lagrangian.target_at(kind, self.iteration)
+            )
+        for key, value in self.lagrangian.lambda_values().items():
+            which, kind = key.split("/", 1)  # "lambda_1/head" -> "lambda/head_1"
+            stats[f"lambda/{kind}_{which[-1]}"] = value
+        keep = self.gather_full(lambda bank, kind: hc.keep_probability(bank.log_alpha(kind)))
+        stats["expected_params"] = float(
+            expected_num_parameters(self.model_cfg, keep, include_embeddings=True)
+        )
+        return stats
+
+    def extra_meta(self) -> dict:
+        """What ``megashear finalize`` needs: the pruned kinds and the target shape."""
+        return {"pruning": {"kinds": list(self.kinds), "target": self.target_cfg.to_dict()}}
+
+    def extra_state(self) -> dict:
+        return {
+            "lagrangian": self.lagrangian.state_dict(),
+            "lambda_optimizer": self.lambda_optimizer.state_dict(),
+        }
+
+    def load_extra_state(self, state: dict) -> None:
+        if "lagrangian" in state:
+            self.lagrangian.load_state_dict(state["lagrangian"])
+            self.lambda_optimizer.load_state_dict(state["lambda_optimizer"])
+
+    def after_optimizer_step(self) -> None:
+        for bank in self.banks:
+            for kind in bank.kinds:
+                hc.clamp_log_alpha_(bank.log_alpha(kind))
+
+    # ---------------------------------------------------------------- deterministic masks
+
+    def gather_full(self, getter) -> dict[str, torch.Tensor]:
+        """Full (unsharded) per-kind tensors on every rank from this rank's local ones.
+
+        ``getter(bank, kind)`` returns the local tensor (log α, its gradient, the current z):
+        ``hidden [h]``, ``head [Ll, a/tp]``, ``intermediate [Ll, f/tp]``, others ``[Ll]``. The
+        result is ``hidden [h]``, ``head [L, a]``, ``intermediate [L, f]``, others ``[L]``.
+        """
+        from megatron.core import parallel_state as ps
+
+        bank = self.banks[0]
+        tp_group = ps.get_tensor_model_parallel_group()
+        pp_group = ps.get_pipeline_model_parallel_group()
+        full = {}
+        for kind in self.kinds:
+            local = getter(bank, kind).detach().float()
+            if kind == "hidden":
+                full[kind] = local.clone()
+                continue
+            if kind in ("head", "intermediate") and ps.get_tensor_model_parallel_world_size() > 1:
+                parts = [torch.empty_like(local) for _ in range(dist.get_world_size(tp_group))]
+                dist.all_gather(parts, local.contiguous(), group=tp_group)
+                local = torch.cat(parts, dim=1)
+            full[kind] = _gather_rows(local, pp_group)
+        return full
+
+    def gather_log_alpha(self) -> dict[str, torch.Tensor]:
+        """Full log α per kind, on every rank."""
+        return self.gather_full(lambda bank, kind: bank.log_alpha(kind))
+
+    def target_sizes(self) -> dict[str, int]:
+        """Entries kept per kind at the target shape (per layer for head/intermediate)."""
+        from megashear.pruning.targets import target_sizes
+
+        return target_sizes(self.target_cfg, self.kinds)
+
+    def use_deterministic_masks(self, sizes: dict[str, int] | None = None) -> dict:
+        """Switch every chunk to deterministic masks; returns the full masks per kind.
+
+        Args:
+            sizes: kept entries per kind (per layer for head/intermediate); ``None`` keeps the
+                rounded expected number (evaluation during pruning).
+        """
+        full = hc.deterministic_masks(
+            self.gather_log_alpha(),
+            sizes,
+            num_query_groups=self.model_cfg.num_query_groups,
+            target_query_groups=self.target_cfg.num_query_groups if sizes else None,
+        )
+        for bank in self.banks:
+            bank.set_masks(bank.local_slices(full))
+        return full
+
+    @torch.no_grad()
+    def evaluate(self, batch: dict[str, torch.Tensor]) -> float:
+        """LM loss of a global batch under the current deterministic masks."""
+        self.use_deterministic_masks()
+        try:
+            return super().evaluate(batch)
+        finally:
+            for bank in self.banks:
+                bank.set_masks(None)

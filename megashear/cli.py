@@ -10,6 +10,7 @@ wrong type, missing file, infeasible target) ends with a one-line ``error:`` and
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -117,13 +118,82 @@ def cmd_train(cfg: RunConfig) -> None:
     log.close()
 
 
+def pruning_target(cfg: RunConfig):
+    """The target ModelConfig from ``pruning.target`` (preset) and ``pruning.target_*``."""
+    from megashear.pruning.targets import make_target
+
+    p = cfg.pruning
+    if not p.target and not any(
+        v is not None
+        for v in (
+            p.target_num_layers,
+            p.target_hidden_size,
+            p.target_num_attention_heads,
+            p.target_num_query_groups,
+            p.target_ffn_hidden_size,
+        )
+    ):
+        raise UsageError("no pruning target: set pruning.target or pruning.target_* fields")
+    return make_target(
+        cfg.model,
+        p.target,
+        num_layers=p.target_num_layers,
+        hidden_size=p.target_hidden_size,
+        num_attention_heads=p.target_num_attention_heads,
+        num_query_groups=p.target_num_query_groups,
+        ffn_hidden_size=p.target_ffn_hidden_size,
+    )
+
+
+def cmd_prune(cfg: RunConfig) -> None:
+    from megashear.pruning.targets import validate_target
+    from megashear.training.pruning_trainer import PruningTrainer
+    from megashear.training.run_log import RunLog
+
+    target = pruning_target(cfg)
+    validate_target(cfg.model, target, tp_sizes=(cfg.parallel.tp,), pp_sizes=(cfg.parallel.pp,))
+    trainer = PruningTrainer(
+        cfg.model, target, cfg.pruning, cfg.parallel, cfg.train, make_batches(cfg), cfg.checkpoint
+    )
+    write_resolved_config(cfg)
+    log = RunLog(cfg.logging.dir, enabled=_is_rank0(), tensorboard=cfg.logging.tensorboard)
+    start = time.time()
+    history = run_training(trainer, cfg, log, kind="prune")
+    interval = cfg.checkpoint.save_interval
+    if cfg.checkpoint.save and not (history and interval and trainer.iteration % interval == 0):
+        trainer.save()
+    log.log("summary", trainer.iteration, {"seconds": time.time() - start})
+    log.close()
+
+
+def cmd_finalize(cfg: RunConfig) -> None:
+    from megashear.training.finalize_run import finalize_checkpoint
+
+    if not cfg.checkpoint.load or not cfg.checkpoint.save:
+        raise UsageError("finalize needs checkpoint.load (pruning run) and checkpoint.save")
+    out = finalize_checkpoint(cfg.checkpoint.load, cfg.checkpoint.save)
+    if _is_rank0():
+        print(
+            json.dumps(
+                {
+                    "finalized": cfg.checkpoint.save,
+                    "model": out.to_dict(),
+                    "parameters": out.num_parameters(),
+                }
+            )
+        )
+
+
 COMMANDS = {
     "train": (cmd_train, "continued pre-training of a (pruned) model"),
+    "prune": (cmd_prune, "targeted structured pruning with hard-concrete masks"),
+    "finalize": (cmd_finalize, "turn a pruning checkpoint into a dense model of the target"),
 }
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("megatron").setLevel(logging.WARNING)
     args = build_parser().parse_args(argv)
     try:
         cfg = resolve_config(args)

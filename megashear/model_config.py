@@ -88,6 +88,7 @@ PRESETS: dict[str, ModelConfig] = {
     # Tiny shapes for tests and CPU runs.
     "tiny-mha": ModelConfig(4, 64, 4, 4, 160, 256, seq_length=64),
     "tiny-gqa": ModelConfig(4, 64, 4, 2, 160, 256, seq_length=64),
+    "tiny-gqa-8h": ModelConfig(4, 64, 8, 4, 160, 256, seq_length=64),
 }
 
 

@@ -92,9 +92,10 @@ def seed_everything(seed: int) -> None:
 
 def destroy() -> None:
     """Tear down model-parallel groups and the default process group."""
-    from megatron.core import parallel_state as ps
+    import sys
 
-    if ps.model_parallel_is_initialized():
+    ps = sys.modules.get("megatron.core.parallel_state")
+    if ps is not None and ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -20,10 +20,11 @@ import torch
 import torch.distributed as dist
 
 from megashear.config import CheckpointConfig, ParallelConfig, PruningConfig, TrainConfig
-from megashear.model_config import get_preset
+from megashear.model_config import ModelConfig, get_preset
 from megashear.training import checkpointing
 from megashear.training.batches import SyntheticBatches
 from megashear.training.pruning_trainer import PruningTrainer
+from megashear.training.trainer import Trainer
 
 
 def make_trainer(job: dict) -> PruningTrainer:
@@ -66,7 +67,21 @@ def set_random_log_alpha(t: PruningTrainer, seed: int) -> None:
             bank.log_alpha(kind).copy_(value)
 
 
+def plain_logits(job: dict) -> dict:
+    """Logits of a plain (finalised) checkpoint on the ``logits`` mode's batch."""
+    meta = checkpointing.read_meta(checkpointing.resolve(job["load_model"]))
+    cfg = ModelConfig.from_dict(meta["model"])
+    par = ParallelConfig(tp=job.get("tp", 1), pp=job.get("pp", 1))
+    train = TrainConfig(micro_batch_size=2, global_batch_size=8)
+    t = Trainer(cfg, par, train, SyntheticBatches(cfg.vocab_size, cfg.seq_length, 3))
+    checkpointing.load_model_weights(t.model, cfg, job["load_model"])
+    batch = SyntheticBatches(cfg.vocab_size, cfg.seq_length, 5).next_global_batch(4)
+    return {"logits": t.gather_logits(batch), "model": cfg.to_dict()}
+
+
 def run(job: dict) -> dict:
+    if job["mode"] == "plain_logits":
+        return plain_logits(job)
     t = make_trainer(job)
     mode = job["mode"]
     if job.get("log_alpha_seed") is not None:
@@ -104,6 +119,10 @@ def run(job: dict) -> dict:
         batch = SyntheticBatches(
             t.model_cfg.vocab_size, t.model_cfg.seq_length, 5
         ).next_global_batch(4)
+        if job.get("save_masked"):
+            checkpointing.save_model_checkpoint(
+                t.model, t.model_cfg, job["save_masked"], extra_meta=t.extra_meta()
+            )
         masks = t.use_deterministic_masks(t.target_sizes())
         logits = t.gather_logits(batch)
         return {"logits": logits, "masks": masks, "log_alpha": t.gather_log_alpha()}

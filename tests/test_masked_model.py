@@ -15,12 +15,12 @@ import torch
 pytestmark = pytest.mark.dist
 WORKER = Path(__file__).with_name("prune_worker.py")
 GQA_TARGET = {
-    "num_layers": 3,
+    "num_layers": 2,
     "hidden_size": 48,
-    "num_attention_heads": 2,
-    "num_query_groups": 1,
+    "num_attention_heads": 4,
+    "num_query_groups": 2,
     "ffn_hidden_size": 96,
-    "kv_channels": 16,
+    "kv_channels": 8,
 }
 MHA_TARGET = {
     "num_layers": 2,
@@ -61,7 +61,7 @@ def runs(tmp_path_factory):
     init = {"gqa": str(d / "init_gqa"), "mha": str(d / "init_mha")}
     ck = str(d / "masked_tp2pp2")
     common = {
-        "gqa": {"model": "tiny-gqa", "target": GQA_TARGET, "kinds": ALL},
+        "gqa": {"model": "tiny-gqa-8h", "target": GQA_TARGET, "kinds": ALL},
         "mha": {"model": "tiny-mha", "target": MHA_TARGET},
     }
     four = [

@@ -71,8 +71,16 @@ class PruningTrainer(Trainer):
             raise ValueError("pruning does not support virtual pipeline stages (vpp)")
         validate_target(model_cfg, target_cfg)
         self.target_cfg, self.pcfg = target_cfg, pruning_cfg
-        self.kinds = tuple(pruning_cfg.kinds)
-        self.targets = target_sparsities(model_cfg, target_cfg, self.kinds)
+        targets = target_sparsities(model_cfg, target_cfg, tuple(pruning_cfg.kinds))
+        # A kind whose dimension the target keeps whole has nothing to prune: without this its
+        # lambda would climb for ever against the ~0.002 floor of the expected sparsity.
+        self.targets = {k: t for k, t in targets.items() if t > 0}
+        self.kinds = tuple(self.targets)
+        if not self.kinds:
+            raise ValueError("the target is the source shape: nothing to prune")
+        dropped = sorted(set(targets) - set(self.targets))
+        if dropped:
+            logger.info("not pruning %s: the target keeps those dimensions whole", dropped)
         self.lagrangian = Lagrangian(self.targets, pruning_cfg.lagrangian_warmup_steps)
         self.lambda_optimizer = self.lagrangian.make_optimizer(lr=pruning_cfg.lr_lambda)
         super().__init__(

@@ -1,0 +1,100 @@
+#!/usr/bin/env python3
+"""Pruning-stage step time against the plain training step, same shape and batch, one process.
+
+Steps alternate between the plain trainer and the pruning trainer (masks on head,
+intermediate, layer and hidden, toward half of every dimension) so that machine noise hits both
+alike. Prints the median step times, their ratio (goal <= 1.10) and the mask overhead in memory
+(log alpha, its gradient and Adam state, and one forward's sampled masks).
+
+    python tools/bench_prune_step.py [--layers 8 --hidden 512 --seq 256 --batch 4 --steps 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import statistics
+import time
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--ffn", type=int, default=1376)
+    parser.add_argument("--vocab", type=int, default=8000)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=5)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+
+    from megashear.config import ParallelConfig, PruningConfig, TrainConfig
+    from megashear.model_config import ModelConfig
+    from megashear.training.batches import SyntheticBatches
+    from megashear.training.pruning_trainer import PruningTrainer
+    from megashear.training.trainer import Trainer
+
+    cfg = ModelConfig(
+        args.layers, args.hidden, args.heads, args.heads, args.ffn, args.vocab, seq_length=args.seq
+    )
+    target = dataclasses.replace(
+        cfg,
+        num_layers=args.layers // 2,
+        hidden_size=args.hidden // 2,
+        num_attention_heads=args.heads // 2,
+        num_query_groups=args.heads // 2,
+        ffn_hidden_size=args.ffn // 2,
+        kv_channels=cfg.head_dim,
+    )
+    train = TrainConfig(
+        micro_batch_size=args.batch,
+        global_batch_size=args.batch,
+        train_iters=10**6,
+        lr_warmup_iters=0,
+    )
+    plain = Trainer(cfg, ParallelConfig(), train, SyntheticBatches(cfg.vocab_size, args.seq))
+    pruning = PruningTrainer(
+        cfg,
+        target,
+        PruningConfig(lagrangian_warmup_steps=10),
+        ParallelConfig(),
+        train,
+        SyntheticBatches(cfg.vocab_size, args.seq),
+    )
+
+    def timed(trainer) -> float:
+        t = time.perf_counter()
+        trainer.train_step()
+        return time.perf_counter() - t
+
+    for _ in range(2):
+        timed(plain), timed(pruning)
+    plain_times, prune_times = [], []
+    for _ in range(args.steps):
+        plain_times.append(timed(plain))
+        prune_times.append(timed(pruning))
+    p, q = statistics.median(plain_times), statistics.median(prune_times)
+    bank = pruning.banks[0]
+    mask_params = sum(bank.log_alpha(k).numel() for k in bank.kinds)
+    # log alpha + main_grad + Adam exp_avg + exp_avg_sq (fp32) + one forward's sampled z
+    mask_bytes = mask_params * 4 * 5
+    model_params = cfg.num_parameters()
+    print(
+        f"shape: {model_params / 1e6:.1f}M params, {args.layers} layers x {args.hidden} hidden, "
+        f"batch {args.batch} x {args.seq} tokens, fp32, TP1PP1"
+    )
+    print(f"plain training step   : {p:.3f} s")
+    print(f"pruning step (masked) : {q:.3f} s")
+    print(f"ratio pruning/plain   : {q / p:.3f}  (goal <= 1.10)")
+    print(
+        f"mask parameters       : {mask_params} ({100 * mask_params / model_params:.3f}% of the "
+        f"model); memory {mask_bytes / 2**20:.2f} MiB "
+        f"(log alpha, grad, Adam state, sampled z)"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -19,7 +19,7 @@ import time
 from megashear import config_io
 from megashear.config import RunConfig
 from megashear.config_io import ConfigError
-from megashear.model_config import get_preset
+from megashear.model_config import ModelConfig, get_preset
 
 logger = logging.getLogger("megashear")
 
@@ -50,7 +50,14 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
             base = {"model": get_preset(str(preset)).to_dict()}
         except ValueError as exc:
             raise ConfigError(f"config key 'model_preset': {exc}") from exc
-    return config_io.resolve(RunConfig, args.config, args, base=base)
+    cfg = config_io.resolve(RunConfig, args.config, args, base=base)
+    if cfg.checkpoint.load and not preset and cfg.model == ModelConfig():
+        # No model given: the shape is the checkpoint's (a converted or finalised model).
+        from megashear.training.checkpointing import read_meta, resolve
+
+        meta = read_meta(resolve(cfg.checkpoint.load))
+        cfg.model = ModelConfig.from_dict(meta["model"])
+    return cfg
 
 
 def _is_rank0() -> bool:

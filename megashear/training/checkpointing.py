@@ -85,12 +85,41 @@ def _model_key(i: int, n: int) -> str:
     return "model" if n == 1 else f"model{i}"
 
 
-def _model_sharded_state_dict(model: list[torch.nn.Module]) -> dict:
+def _model_sharded_state_dict(model: list[torch.nn.Module], with_masks: bool = True) -> dict:
     out = {}
     for i, chunk in enumerate(model):
         module = getattr(chunk, "module", chunk)
-        out[_model_key(i, len(model))] = module.sharded_state_dict()
+        sd = module.sharded_state_dict()
+        if not with_masks:
+            sd = {k: v for k, v in sd.items() if not k.startswith("mask_bank.")}
+        out[_model_key(i, len(model))] = sd
     return out
+
+
+def _has_masks(model: list[torch.nn.Module]) -> bool:
+    return any(hasattr(getattr(c, "module", c), "mask_bank") for c in model)
+
+
+def _check_mask_compatibility(meta: dict, model: list[torch.nn.Module], ckpt_dir: str) -> None:
+    if "pruning" in meta and not _has_masks(model):
+        raise CheckpointError(
+            f"{ckpt_dir} is a pruning checkpoint (masked model): run `megashear finalize` on it "
+            "first, or continue it with `megashear prune`"
+        )
+
+
+def _load_model_part(model: list[torch.nn.Module], loaded: dict, with_masks: bool) -> None:
+    for i, chunk in enumerate(model):
+        module = getattr(chunk, "module", chunk)
+        result = module.load_state_dict(loaded[_model_key(i, len(model))], strict=with_masks)
+        if not with_masks:
+            # a plain checkpoint into a masked model: only the mask parameters may be missing
+            missing = [k for k in result.missing_keys if not k.startswith("mask_bank.")]
+            if missing or result.unexpected_keys:
+                raise CheckpointError(
+                    f"checkpoint does not match the model: missing {missing[:3]}, "
+                    f"unexpected {result.unexpected_keys[:3]}"
+                )
 
 
 def _layout() -> dict:
@@ -248,7 +277,13 @@ def load_checkpoint(trainer, path: str) -> None:
     meta = read_meta(ckpt_dir)
     check_model_config(meta, trainer.model_cfg, ckpt_dir)
     contents = set(meta.get("contents", ["model"]))
-    model_sd = _model_sharded_state_dict(trainer.model)
+    _check_mask_compatibility(meta, trainer.model, ckpt_dir)
+    # A plain (converted, trained or finalised) checkpoint starts a pruning run: weights only,
+    # with fresh masks, optimizer and iteration.
+    with_masks = "pruning" in meta or not _has_masks(trainer.model)
+    if not with_masks:
+        contents = {"model"}
+    model_sd = _model_sharded_state_dict(trainer.model, with_masks)
     if len(trainer.model) > 1 and "model" in contents and meta["layout"].get("vpp") is None:
         raise CheckpointError(
             f"{ckpt_dir} was saved without virtual pipeline stages; load it without vpp"
@@ -261,9 +296,7 @@ def load_checkpoint(trainer, path: str) -> None:
         if same_layout:
             request["rng_state"] = _rng_sharded_object(is_loading=True)
     loaded = dist_checkpointing.load(request, ckpt_dir)
-    for i, chunk in enumerate(trainer.model):
-        module = getattr(chunk, "module", chunk)
-        module.load_state_dict(loaded[_model_key(i, len(trainer.model))], strict=True)
+    _load_model_part(trainer.model, loaded, with_masks)
     if full:
         trainer.optimizer.load_state_dict(loaded["optimizer"])
         trainer.scheduler.load_state_dict(loaded["scheduler"])
@@ -288,11 +321,10 @@ def load_model_weights(model: list[torch.nn.Module], cfg: ModelConfig, path: str
     ckpt_dir = resolve(path)
     meta = read_meta(ckpt_dir)
     check_model_config(meta, cfg, ckpt_dir)
-    request = _model_sharded_state_dict(model)
-    loaded = dist_checkpointing.load(request, ckpt_dir)
-    for i, chunk in enumerate(model):
-        module = getattr(chunk, "module", chunk)
-        module.load_state_dict(loaded[_model_key(i, len(model))], strict=True)
+    _check_mask_compatibility(meta, model, ckpt_dir)
+    with_masks = "pruning" in meta or not _has_masks(model)
+    loaded = dist_checkpointing.load(_model_sharded_state_dict(model, with_masks), ckpt_dir)
+    _load_model_part(model, loaded, with_masks)
     return meta
 
 

@@ -78,20 +78,55 @@ def write_resolved_config(cfg: RunConfig) -> None:
 
 def make_batches(cfg: RunConfig):
     """The training data source named by the config."""
-    from megashear.training.batches import SyntheticBatches
+    from megashear.training.batches import SyntheticBatches, TokenWindowBatches
 
-    if cfg.data.synthetic or not cfg.data.manifest:
-        if not cfg.data.synthetic:
-            raise UsageError("no training data: set data.manifest or data.synthetic=true")
+    if cfg.data.manifest:
+        from megashear.data.loader import manifest_batches
+
+        return manifest_batches(cfg)
+    if cfg.data.token_file:
+        import numpy as np
+
+        if not os.path.isfile(cfg.data.token_file):
+            raise UsageError(f"data.token_file {cfg.data.token_file} does not exist")
+        tokens = np.load(cfg.data.token_file, mmap_mode="r")
+        if tokens.size and int(tokens.max()) >= cfg.model.vocab_size:
+            raise UsageError(
+                f"data.token_file holds token id {int(tokens.max())}, outside the model's "
+                f"vocab_size {cfg.model.vocab_size} (tokenizer/model mismatch)"
+            )
+        return TokenWindowBatches(tokens, cfg.model.seq_length, cfg.data.seed)
+    if cfg.data.synthetic:
         return SyntheticBatches(cfg.model.vocab_size, cfg.model.seq_length, cfg.data.seed)
-    from megashear.data.loader import manifest_batches
+    raise UsageError("no training data: set data.manifest, data.token_file or data.synthetic")
 
-    return manifest_batches(cfg)
+
+def make_dynamic_loading(cfg: RunConfig, trainer, log):
+    """Dynamic batch loading for a manifest-driven run (None otherwise)."""
+    if not cfg.data.manifest:
+        return None
+    from megashear.data.loader import validation_batches
+    from megashear.training.dynamic_loading import DynamicBatchLoading
+
+    manifest = trainer.batches.manifest
+    valid = validation_batches(manifest, cfg.model.seq_length, cfg.data.eval_sequences_per_domain)
+    return DynamicBatchLoading(
+        trainer.batches,
+        valid,
+        manifest.references(),
+        cfg.data.update_rule,
+        cfg.data.eta,
+        cfg.data.smoothing,
+        cfg.data.update_interval,
+        log,
+    )
 
 
 def run_training(trainer, cfg: RunConfig, log, kind: str = "train") -> list[dict]:
     """Train to ``train.train_iters`` with a rank-0 progress bar, logging and checkpoints."""
     from tqdm import tqdm
+
+    dynamic = make_dynamic_loading(cfg, trainer, log)
 
     total = cfg.train.train_iters
     bar = tqdm(
@@ -102,6 +137,8 @@ def run_training(trainer, cfg: RunConfig, log, kind: str = "train") -> list[dict
         bar.update(1)
         bar.set_postfix(loss=f"{stats['loss']:.4f}", tok_s=f"{stats['tokens_per_s']:.0f}")
         log.log(kind, stats["iteration"], stats)
+        if dynamic is not None:
+            dynamic(trainer, stats)
 
     try:
         return trainer.train(callback=on_step)
@@ -191,10 +228,46 @@ def cmd_finalize(cfg: RunConfig) -> None:
         )
 
 
+def cmd_evaluate(cfg: RunConfig) -> None:
+    """Per-domain validation loss of a checkpoint (a pruning one under its deterministic
+    masks) as JSON; with ``data.write_reference`` also into the manifest (source reference)."""
+    from megashear.data.loader import check_vocab, validation_batches
+    from megashear.data.manifest import load_manifest, save_manifest
+    from megashear.training.checkpointing import load_model_weights, read_meta, resolve
+    from megashear.training.trainer import Trainer
+
+    if not cfg.checkpoint.load or not cfg.data.manifest:
+        raise UsageError("evaluate needs checkpoint.load and data.manifest")
+    manifest = load_manifest(cfg.data.manifest)
+    check_vocab(manifest, cfg.model.vocab_size)
+    meta = read_meta(resolve(cfg.checkpoint.load))
+    if "pruning" in meta:
+        from dataclasses import replace
+
+        from megashear.training.pruning_trainer import PruningTrainer
+
+        target = ModelConfig.from_dict(meta["pruning"]["target"])
+        pcfg = replace(cfg.pruning, kinds=tuple(meta["pruning"]["kinds"]))
+        trainer = PruningTrainer(cfg.model, target, pcfg, cfg.parallel, cfg.train, None)
+    else:
+        trainer = Trainer(cfg.model, cfg.parallel, cfg.train, None)
+    load_model_weights(trainer.model, cfg.model, cfg.checkpoint.load)
+    from megashear.training.dynamic_loading import domain_losses
+
+    valid = validation_batches(manifest, cfg.model.seq_length, cfg.data.eval_sequences_per_domain)
+    losses = domain_losses(trainer, valid)
+    if _is_rank0():
+        print(json.dumps(losses))
+        if cfg.data.write_reference:
+            manifest.set_reference_losses(losses)
+            save_manifest(manifest, cfg.data.manifest)
+
+
 COMMANDS = {
     "train": (cmd_train, "continued pre-training of a (pruned) model"),
     "prune": (cmd_prune, "targeted structured pruning with hard-concrete masks"),
     "finalize": (cmd_finalize, "turn a pruning checkpoint into a dense model of the target"),
+    "evaluate": (cmd_evaluate, "per-domain validation loss of a checkpoint, as JSON"),
 }
 
 

@@ -77,15 +77,18 @@ class PruningConfig:
 
 @dataclass
 class DataConfig:
-    """Training data: a domain manifest (``tools/preprocess_data.py``) or synthetic tokens."""
+    """Training data: a domain manifest (``tools/preprocess_data.py``), one token stream, or
+    synthetic tokens."""
 
     manifest: str = ""
+    token_file: str = ""  # one pre-tokenized stream (.npy of token ids), no domains
     synthetic: bool = False
     update_rule: str = "paper"  # paper | reference_code | constant
     update_interval: int = 50
     eta: float = 1.0
     smoothing: float = 1e-4
     eval_sequences_per_domain: int = 16
+    write_reference: bool = False  # evaluate: store the losses as the manifest's references
     seed: int = 1234
 
 

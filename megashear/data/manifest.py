@@ -1,0 +1,119 @@
+"""The domain manifest: which per-domain datasets a run reads, and with which weights.
+
+YAML written by ``tools/preprocess_data.py``::
+
+    tokenizer: /path/tokenizer.model
+    vocab_size: 32000
+    domains:
+      - {name: web, train_prefix: data/web_train, valid_prefix: data/web_valid,
+         weight: 0.67, reference_loss: 1.75}
+      ...
+
+Prefixes name megatron-core indexed datasets (``PREFIX.bin`` + ``PREFIX.idx``). Weights are
+normalised on load; ``reference_loss`` may be null (then only the constant update rule runs).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+
+import yaml
+
+
+@dataclass
+class Domain:
+    name: str
+    train_prefix: str
+    valid_prefix: str
+    weight: float = 1.0
+    reference_loss: float | None = None
+
+
+@dataclass
+class Manifest:
+    domains: list[Domain]
+    tokenizer: str = ""
+    vocab_size: int | None = None
+    path: str = field(default="", repr=False)
+
+    @property
+    def names(self) -> list[str]:
+        return [d.name for d in self.domains]
+
+    def weights(self) -> list[float]:
+        total = sum(d.weight for d in self.domains)
+        return [d.weight / total for d in self.domains]
+
+    def references(self) -> dict[str, float] | None:
+        refs = {d.name: d.reference_loss for d in self.domains}
+        return None if any(v is None for v in refs.values()) else refs
+
+    def set_reference_losses(self, losses: dict[str, float]) -> None:
+        unknown = sorted(set(losses) - set(self.names))
+        if unknown:
+            raise ValueError(f"reference losses for unknown domains {unknown}; known: {self.names}")
+        for d in self.domains:
+            if d.name in losses:
+                d.reference_loss = float(losses[d.name])
+
+    def validate(self, check_files: bool = True) -> None:
+        """Raise ``ValueError`` (one line) for an unusable manifest."""
+        if not self.domains:
+            raise ValueError("manifest has no domains")
+        names = self.names
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"manifest repeats domains {dupes}")
+        negative = [d.name for d in self.domains if d.weight < 0]
+        if negative:
+            raise ValueError(f"manifest weights must be >= 0; negative for {negative}")
+        if sum(d.weight for d in self.domains) <= 0:
+            raise ValueError("manifest weights sum to zero")
+        if check_files:
+            for d in self.domains:
+                for prefix in (d.train_prefix, d.valid_prefix):
+                    for ext in (".bin", ".idx"):
+                        if not os.path.isfile(prefix + ext):
+                            raise ValueError(f"domain {d.name}: {prefix + ext} does not exist")
+
+
+def _resolve(base: str, path: str) -> str:
+    return path if not path or os.path.isabs(path) else os.path.join(base, path)
+
+
+def load_manifest(path: str, check_files: bool = True) -> Manifest:
+    """Read and validate a manifest; relative paths are relative to the manifest's folder."""
+    if not os.path.isfile(path):
+        raise ValueError(f"manifest {path} does not exist")
+    with open(path) as f:
+        data = yaml.safe_load(f) or {}
+    base = os.path.dirname(os.path.abspath(path))
+    try:
+        domains = [Domain(**d) for d in data.get("domains") or []]
+    except TypeError as exc:
+        raise ValueError(f"manifest {path}: bad domain entry ({exc})") from exc
+    for d in domains:
+        d.train_prefix = _resolve(base, d.train_prefix)
+        d.valid_prefix = _resolve(base, d.valid_prefix)
+    m = Manifest(
+        domains,
+        tokenizer=_resolve(base, data.get("tokenizer", "")),
+        vocab_size=data.get("vocab_size"),
+        path=path,
+    )
+    m.validate(check_files)
+    return m
+
+
+def save_manifest(m: Manifest, path: str) -> None:
+    """Write atomically (temporary name, then rename); paths are written as given."""
+    data = {
+        "tokenizer": m.tokenizer,
+        "vocab_size": m.vocab_size,
+        "domains": [asdict(d) for d in m.domains],
+    }
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        yaml.safe_dump(data, f, sort_keys=False)
+    os.replace(tmp, path)

@@ -1,0 +1,133 @@
+"""JSON Lines per domain -> megatron-core indexed datasets (train + validation) + a manifest.
+
+Input: one file per domain (``NAME.jsonl``, ``.jsonl.gz`` or ``.jsonl.xz``) whose lines are JSON
+objects with a string ``text``. Every document is tokenized (in worker processes, order kept)
+and written with EOS appended. The first ``valid_tokens`` tokens of each domain's stream are
+held out for validation (a document straddling the cut is split there), the rest is for
+training. Malformed lines (bad JSON, no string ``text``) are counted per domain. Outputs are
+written under temporary names and renamed at the end.
+"""
+
+from __future__ import annotations
+
+import bz2
+import gzip
+import json
+import logging
+import lzma
+import multiprocessing as mp
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+_SP = None
+
+
+def open_text(path: str):
+    """Open plain, .gz, .xz or .bz2 text."""
+    if path.endswith(".gz"):
+        return gzip.open(path, "rt", encoding="utf-8")
+    if path.endswith(".xz"):
+        return lzma.open(path, "rt", encoding="utf-8")
+    if path.endswith(".bz2"):
+        return bz2.open(path, "rt", encoding="utf-8")
+    return open(path, encoding="utf-8")
+
+
+def domain_name(path: str) -> str:
+    name = os.path.basename(path)
+    for ext in (".gz", ".xz", ".bz2", ".jsonl", ".json"):
+        if name.endswith(ext):
+            name = name[: -len(ext)]
+    return name
+
+
+@dataclass
+class DomainStats:
+    name: str
+    documents: int = 0
+    bad_lines: int = 0
+    train_tokens: int = 0
+    valid_tokens: int = 0
+    bytes: int = 0
+    bad_examples: list[str] = field(default_factory=list)
+
+
+def _init_worker(model_path: str) -> None:
+    global _SP
+    import sentencepiece as spm
+
+    _SP = spm.SentencePieceProcessor(model_file=model_path)
+
+
+def _encode(line: str) -> tuple[list[int] | None, int]:
+    try:
+        doc = json.loads(line)
+    except json.JSONDecodeError:
+        return None, len(line)
+    text = doc.get("text") if isinstance(doc, dict) else None
+    if not isinstance(text, str):
+        return None, len(line)
+    return _SP.encode(text) + [_SP.eos_id()], len(text.encode("utf-8"))
+
+
+def _lines(path: str) -> Iterator[str]:
+    with open_text(path) as f:
+        for line in f:
+            if line.strip():
+                yield line
+
+
+def preprocess_domain(
+    path: str,
+    out_prefix: str,
+    tokenizer: str,
+    valid_tokens: int,
+    workers: int = 2,
+    progress=None,
+    max_bytes: int | None = None,
+) -> DomainStats:
+    """Tokenize one domain into ``{out_prefix}_train`` and ``{out_prefix}_valid`` datasets.
+
+    ``max_bytes`` stops after that much document text (for samples of large domains).
+    """
+    import torch
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    stats = DomainStats(domain_name(path))
+    tmp = {split: f"{out_prefix}_{split}.tmp{os.getpid()}" for split in ("train", "valid")}
+    builders = {
+        split: IndexedDatasetBuilder(p + ".bin", dtype=np.int32) for split, p in tmp.items()
+    }
+    with mp.get_context("spawn").Pool(workers, _init_worker, (tokenizer,)) as pool:
+        for line, (ids, size) in zip(_lines(path), pool.imap(_encode, _lines(path), chunksize=16)):
+            if ids is None:
+                stats.bad_lines += 1
+                if len(stats.bad_examples) < 3:
+                    stats.bad_examples.append(line[:80])
+                continue
+            # The first ``valid_tokens`` tokens of the domain's stream are held out; a document
+            # that straddles the cut is split there (its head to validation, its tail to train).
+            room = max(0, valid_tokens - stats.valid_tokens)
+            head, tail = ids[:room], ids[room:]
+            if head:
+                builders["valid"].add_document(torch.tensor(head, dtype=torch.int32), [len(head)])
+                stats.valid_tokens += len(head)
+            if tail:
+                builders["train"].add_document(torch.tensor(tail, dtype=torch.int32), [len(tail)])
+                stats.train_tokens += len(tail)
+            stats.documents += 1
+            stats.bytes += size
+            if progress is not None:
+                progress.update(size)
+            if max_bytes is not None and stats.bytes >= max_bytes:
+                break
+    for split, p in tmp.items():
+        builders[split].finalize(p + ".idx")
+        for ext in (".bin", ".idx"):
+            os.replace(p + ext, f"{out_prefix}_{split}{ext}")
+    return stats

@@ -1,0 +1,252 @@
+"""Data: sampler statistics, DP slicing, exact resume, update rules, preprocessing round trip,
+bad inputs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from megashear.data import update_rules
+from megashear.data.manifest import Domain, Manifest, load_manifest, save_manifest
+from megashear.data.sampler import DynamicDomainSampler
+from megashear.training.batches import split_for_rank
+
+ROOT = Path(__file__).resolve().parents[1]
+CORPUS = ROOT.parent / "shared" / "corpus"
+
+
+def test_domain_frequencies_follow_the_weights():
+    w = [0.5, 0.3, 0.15, 0.05]
+    s = DynamicDomainSampler([1000, 1000, 1000, 1000], w, seed=3)
+    picks = [d for _ in range(40) for d, _ in s.next_global_batch(256)]
+    counts = np.bincount(picks, minlength=4)
+    n = len(picks)
+    expected = np.array(w) * n
+    chi2 = float((((counts - expected) ** 2) / expected).sum())
+    assert chi2 < 16.27, (counts, expected)  # p = 0.001 for 3 degrees of freedom
+
+
+def test_dp_slices_are_disjoint_and_cover_the_batch():
+    import torch
+
+    batch = {"tokens": torch.arange(16).view(16, 1), "labels": torch.arange(16).view(16, 1)}
+    rows = []
+    for rank in range(4):
+        for mb in split_for_rank(batch, rank, 4, micro_batch_size=2):
+            rows += mb["tokens"].view(-1).tolist()
+    assert sorted(rows) == list(range(16)) and len(set(rows)) == 16
+
+
+def run_sampler(steps, change_at, resume_at=None):
+    s = DynamicDomainSampler([7, 50, 30], [0.6, 0.2, 0.2], seed=11)
+    out = []
+    for step in range(steps):
+        if step == change_at:
+            s.set_weights([0.1, 0.1, 0.8])
+        if resume_at is not None and step == resume_at:
+            state = json.loads(json.dumps(s.state_dict()))
+            s = DynamicDomainSampler([7, 50, 30], [1, 1, 1], seed=11)
+            s.load_state_dict(state)
+        out.append(s.next_global_batch(8))
+    return out, s
+
+
+def test_resume_is_exact_across_weight_change_and_epoch_boundary():
+    full, s = run_sampler(12, change_at=4)
+    assert s.epochs()[0] >= 2  # the 7-sample domain went through several epochs
+    for resume_at in (3, 5, 9):
+        resumed, _ = run_sampler(12, change_at=4, resume_at=resume_at)
+        assert resumed == full
+
+
+def test_epochs_are_fresh_permutations():
+    s = DynamicDomainSampler([5], [1.0], seed=0)
+    picks = [j for _ in range(3) for _, j in s.next_global_batch(5)]
+    for e in range(3):
+        assert sorted(picks[5 * e : 5 * e + 5]) == list(range(5))
+    assert picks[:5] != picks[5:10] or picks[5:10] != picks[10:15]
+
+
+def test_paper_rule_by_hand():
+    w, loss, ref = np.array([0.5, 0.3, 0.2]), np.array([2.0, 1.0, 3.5]), np.array([1.5, 1.2, 3.0])
+    # delta = max(l - ref, 0) = [0.5, 0, 0.5]
+    u = np.array([0.5 * np.exp(0.5), 0.3, 0.2 * np.exp(0.5)])
+    np.testing.assert_allclose(update_rules.get_rule("paper")(w, loss, ref), u / u.sum())
+
+
+def test_reference_code_rule_by_hand():
+    w, loss, ref = np.array([0.5, 0.3, 0.2]), np.array([2.0, 1.0, 3.5]), np.array([1.5, 1.2, 3.0])
+    # no clamp: delta = [0.5, -0.2, 0.5], then (1 - c) w + c / k
+    u = np.array([0.5 * np.exp(0.5), 0.3 * np.exp(-0.2), 0.2 * np.exp(0.5)])
+    u = u / u.sum()
+    c = 1e-2
+    got = update_rules.get_rule("reference_code")(w, loss, ref, smoothing=c)
+    np.testing.assert_allclose(got, (1 - c) * u + c / 3)
+    np.testing.assert_allclose(update_rules.get_rule("constant")(w, loss, ref), w)
+    with pytest.raises(ValueError, match="unknown update rule"):
+        update_rules.get_rule("nope")
+
+
+def test_sampler_refuses_bad_weights():
+    with pytest.raises(ValueError, match="not all 0"):
+        DynamicDomainSampler([3, 3], [0, 0])
+    with pytest.raises(ValueError, match=">= 0"):
+        DynamicDomainSampler([3, 3], [1, -1])
+
+
+def test_manifest_errors(tmp_path):
+    m = Manifest([Domain("a", "x", "y", 1.0), Domain("b", "x", "y", -1.0)])
+    with pytest.raises(ValueError, match="negative for \\['b'\\]"):
+        m.validate(check_files=False)
+    m = Manifest([Domain("a", "x", "y", 0.0)])
+    with pytest.raises(ValueError, match="sum to zero"):
+        m.validate(check_files=False)
+    m = Manifest([Domain("a", "x", "y", 1.0)])
+    with pytest.raises(ValueError, match="unknown domains \\['zz'\\]"):
+        m.set_reference_losses({"zz": 1.0})
+    with pytest.raises(ValueError, match="does not exist"):
+        m.validate(check_files=True)
+    with pytest.raises(ValueError, match="does not exist"):
+        load_manifest(str(tmp_path / "missing.yaml"))
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("data")
+    docs = {
+        "alpha": ["The 3 cats sat on 12 mats.", "Zwölf Boxkämpfer jagen Viktor!"] * 40,
+        "beta": ["def f(x):\n    return x + 1\n", "print('héllo')\t# tab"] * 40,
+    }
+    for name, texts in docs.items():
+        with open(d / f"{name}.jsonl", "w") as f:
+            for t in texts:
+                f.write(json.dumps({"text": t}) + "\n")
+            f.write("{not json\n")  # one malformed line per domain
+    env = {"PYTHONWARNINGS": "ignore"}
+    run = dict(capture_output=True, text=True, timeout=300, env={**__import__("os").environ, **env})
+    tok = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "tools/train_tokenizer.py"),
+            "--input",
+            str(d),
+            "--vocab-size",
+            "300",
+            "--output-prefix",
+            str(d / "tok"),
+        ],
+        **run,
+    )
+    assert tok.returncode == 0, tok.stderr
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "tools/preprocess_data.py"),
+            "--input",
+            str(d),
+            "--tokenizer",
+            str(d / "tok.model"),
+            "--output-dir",
+            str(d / "out"),
+            "--valid-tokens-per-domain",
+            "50",
+            "--workers",
+            "2",
+            "--max-bad-fraction",
+            "0.05",
+        ],
+        **run,
+    )
+    return d, docs, out
+
+
+def test_preprocessing_round_trip(small_data):
+    import sentencepiece as spm
+
+    from megashear.data.loader import token_stream
+
+    d, docs, out = small_data
+    assert out.returncode == 0, out.stderr
+    assert "alpha: 80 documents" in out.stdout and "1 malformed lines" in out.stdout
+    m = load_manifest(str(d / "out" / "manifest.yaml"))
+    assert m.names == ["alpha", "beta"] and m.vocab_size == 300
+    sp = spm.SentencePieceProcessor(model_file=str(d / "tok.model"))
+    for dom in m.domains:
+        stream = np.concatenate([token_stream(dom.valid_prefix), token_stream(dom.train_prefix)])
+        texts = [sp.decode(t.tolist()) for t in np.split(stream, np.where(stream == 2)[0] + 1)]
+        assert [t for t in texts if t] == [sp.decode(sp.encode(x)) for x in docs[dom.name]]
+        assert len(token_stream(dom.valid_prefix)) == 50
+
+
+def test_preprocessing_fails_on_too_many_bad_lines(small_data, tmp_path):
+    d, _, _ = small_data
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "tools/preprocess_data.py"),
+            "--input",
+            str(d / "alpha.jsonl"),
+            "--tokenizer",
+            str(d / "tok.model"),
+            "--output-dir",
+            str(tmp_path),
+            "--valid-tokens-per-domain",
+            "10",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 1 and "too many malformed lines in alpha (1/81" in proc.stderr
+    assert not (tmp_path / "manifest.yaml").exists()
+
+
+def test_missing_input_is_a_clear_error(tmp_path):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "tools/preprocess_data.py"),
+            "--input",
+            str(tmp_path / "nope.jsonl"),
+            "--tokenizer",
+            "t.model",
+            "--output-dir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2 and proc.stderr.strip().startswith("error: input")
+
+
+def test_vocab_mismatch_is_refused(small_data):
+    from megashear.data.loader import check_vocab
+
+    d, _, _ = small_data
+    m = load_manifest(str(d / "out" / "manifest.yaml"))
+    check_vocab(m, 300)
+    with pytest.raises(ValueError, match="tokenizer/model mismatch"):
+        check_vocab(m, 32000)
+
+
+def test_domain_batches_carry_domain_ids(small_data):
+    from megashear.data.loader import DomainBatches
+
+    d, _, _ = small_data
+    m = load_manifest(str(d / "out" / "manifest.yaml"))
+    src = DomainBatches(m, seq_length=8, seed=1)
+    batch = src.next_global_batch(6)
+    assert batch["tokens"].shape == (6, 8) and batch["domain_id"].shape == (6,)
+    assert (batch["labels"][:, :-1] == batch["tokens"][:, 1:]).all()
+    state = src.state_dict()
+    nxt = src.next_global_batch(6)
+    src2 = DomainBatches(m, seq_length=8, seed=1)
+    src2.load_state_dict(state)
+    assert (src2.next_global_batch(6)["tokens"] == nxt["tokens"]).all()
+    save_manifest(m, str(d / "copy.yaml"))

@@ -1,0 +1,118 @@
+#!/usr/bin/env python3
+"""Tokenize JSON Lines per domain into megatron-core indexed datasets and a domain manifest.
+
+    python tools/preprocess_data.py --input DIR_OR_FILES --tokenizer tokenizer.model \\
+        --output-dir data/ [--valid-tokens-per-domain 2000000] [--workers 4] \\
+        [--weights web=0.67,github=0.045,...]
+
+One domain per input file (``NAME.jsonl[.gz|.xz]``; a directory means all such files in it).
+Writes ``OUT/NAME_train.{bin,idx}``, ``OUT/NAME_valid.{bin,idx}`` and ``OUT/manifest.yaml``.
+More than ``--max-bad-fraction`` malformed lines in a domain is an error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import sys
+import time
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--input", nargs="+", required=True)
+    parser.add_argument("--tokenizer", required=True, help="a sentencepiece .model")
+    parser.add_argument("--output-dir", required=True)
+    parser.add_argument("--valid-tokens-per-domain", type=int, default=2_000_000)
+    parser.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2)))
+    parser.add_argument("--weights", default="", help="name=w,... (default: uniform)")
+    parser.add_argument("--max-bad-fraction", type=float, default=0.01)
+    parser.add_argument(
+        "--max-bytes-per-domain",
+        type=int,
+        default=None,
+        help="stop each domain after this much text",
+    )
+    args = parser.parse_args()
+
+    files = []
+    for item in args.input:
+        if os.path.isdir(item):
+            files += sorted(
+                p
+                for ext in ("jsonl", "jsonl.gz", "jsonl.xz", "jsonl.bz2")
+                for p in glob.glob(os.path.join(item, f"*.{ext}"))
+            )
+        elif os.path.isfile(item):
+            files.append(item)
+        else:
+            print(f"error: input {item} does not exist", file=sys.stderr)
+            return 2
+    if not files:
+        print(f"error: no .jsonl[.gz|.xz] files in {args.input}", file=sys.stderr)
+        return 2
+    if not os.path.isfile(args.tokenizer):
+        print(f"error: tokenizer {args.tokenizer} does not exist", file=sys.stderr)
+        return 2
+
+    import sentencepiece as spm
+    from tqdm import tqdm
+
+    from megashear.data.manifest import Domain, Manifest, save_manifest
+    from megashear.data.preprocess import domain_name, preprocess_domain
+
+    weights = {}
+    for part in filter(None, args.weights.split(",")):
+        name, _, value = part.partition("=")
+        weights[name] = float(value)
+    names = [domain_name(f) for f in files]
+    unknown = sorted(set(weights) - set(names))
+    if unknown:
+        print(
+            f"error: --weights names unknown domains {unknown}; domains: {names}", file=sys.stderr
+        )
+        return 2
+    vocab = spm.SentencePieceProcessor(model_file=args.tokenizer).get_piece_size()
+    os.makedirs(args.output_dir, exist_ok=True)
+    total = sum(os.path.getsize(f) for f in files)
+    start = time.time()
+    domains, report, failed = [], [], []
+    with tqdm(total=total, unit="B", unit_scale=True, desc="preprocess") as bar:
+        for path, name in zip(files, names):
+            before = bar.n
+            stats = preprocess_domain(
+                path,
+                os.path.join(args.output_dir, name),
+                args.tokenizer,
+                args.valid_tokens_per_domain,
+                args.workers,
+                progress=bar,
+                max_bytes=args.max_bytes_per_domain,
+            )
+            bar.update(max(0, before + os.path.getsize(path) - bar.n))
+            lines = stats.documents + stats.bad_lines
+            report.append(
+                f"{name}: {stats.documents} documents, {stats.train_tokens} train / "
+                f"{stats.valid_tokens} valid tokens, {stats.bad_lines} malformed lines"
+            )
+            if lines and stats.bad_lines / lines > args.max_bad_fraction:
+                failed.append(
+                    f"{name} ({stats.bad_lines}/{lines} malformed, e.g. {stats.bad_examples[0]!r})"
+                )
+            domains.append(Domain(name, f"{name}_train", f"{name}_valid", weights.get(name, 1.0)))
+    for line in report:
+        print(line)
+    if failed:
+        print(f"error: too many malformed lines in {', '.join(failed)}", file=sys.stderr)
+        return 1
+    text_mb = sum(os.path.getsize(f) for f in files) / 1e6
+    print(f"{text_mb:.1f} MB of input in {time.time() - start:.1f} s")
+    manifest = Manifest(domains, tokenizer=os.path.abspath(args.tokenizer), vocab_size=vocab)
+    save_manifest(manifest, os.path.join(args.output_dir, "manifest.yaml"))
+    print(os.path.join(args.output_dir, "manifest.yaml"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,87 @@
+#!/usr/bin/env python3
+"""Train a LLaMA-style sentencepiece BPE tokenizer on a sample of every domain.
+
+    python tools/train_tokenizer.py --input DIR_OR_FILES --vocab-size 8000 \\
+        --sample-bytes-per-domain 1000000 --output-prefix data/tokenizer
+
+BPE with byte fallback and split digits; unk=0, bos=1, eos=2, no pad (as LLaMA).
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import sys
+import tempfile
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--input", nargs="+", required=True)
+    parser.add_argument("--vocab-size", type=int, default=8000)
+    parser.add_argument("--sample-bytes-per-domain", type=int, default=1_000_000)
+    parser.add_argument("--output-prefix", required=True)
+    args = parser.parse_args()
+    files = []
+    for item in args.input:
+        if os.path.isdir(item):
+            files += sorted(glob.glob(os.path.join(item, "*.jsonl*")))
+        elif os.path.isfile(item):
+            files.append(item)
+        else:
+            print(f"error: input {item} does not exist", file=sys.stderr)
+            return 2
+    if not files:
+        print(f"error: no input files in {args.input}", file=sys.stderr)
+        return 2
+    import sentencepiece as spm
+
+    from megashear.data.preprocess import open_text
+
+    with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False, encoding="utf-8") as tmp:
+        for path in files:
+            size = 0
+            with open_text(path) as f:
+                for line in f:
+                    try:
+                        text = json.loads(line).get("text")
+                    except (json.JSONDecodeError, AttributeError):
+                        continue
+                    if isinstance(text, str) and text.strip():
+                        tmp.write(text.replace("\n", " ")[: args.sample_bytes_per_domain] + "\n")
+                        size += len(text)
+                    if size >= args.sample_bytes_per_domain:
+                        break
+    os.makedirs(os.path.dirname(os.path.abspath(args.output_prefix)), exist_ok=True)
+    out_tmp = args.output_prefix + ".tmp"
+    try:
+        spm.SentencePieceTrainer.train(
+            input=tmp.name,
+            model_prefix=out_tmp,
+            vocab_size=args.vocab_size,
+            model_type="bpe",
+            byte_fallback=True,
+            split_digits=True,
+            unk_id=0,
+            bos_id=1,
+            eos_id=2,
+            pad_id=-1,
+            character_coverage=0.9995,
+            num_threads=os.cpu_count() or 2,
+            minloglevel=2,
+            max_sentence_length=1 << 16,
+            input_sentence_size=300_000,
+            shuffle_input_sentence=True,
+        )
+    finally:
+        os.unlink(tmp.name)
+    for ext in (".model", ".vocab"):
+        os.replace(out_tmp + ext, args.output_prefix + ext)
+    print(args.output_prefix + ".model")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

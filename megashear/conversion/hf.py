@@ -1,0 +1,269 @@
+"""Hugging Face LLaMA directories <-> canonical weights (see :mod:`.megatron_layout`).
+
+Reading is strict: ``config.json`` must describe a LLaMA this code reproduces exactly (no tied
+embeddings, no biases, no rope scaling), every tensor must be present with the shape the config
+implies, and no unknown tensor may appear. Weights come from safetensors or ``.bin``, single or
+sharded with an index. Writing produces what ``transformers`` loads as it is: ``config.json``
+(the checkpoint's own sizes, ``head_dim`` included), safetensors shards with an index,
+``generation_config.json`` and, when given, the sentencepiece tokenizer. Output goes to a
+temporary directory renamed at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import torch
+
+from megashear.model_config import ModelConfig
+
+HF_LAYER = {
+    "input_norm": "model.layers.{}.input_layernorm.weight",
+    "q": "model.layers.{}.self_attn.q_proj.weight",
+    "k": "model.layers.{}.self_attn.k_proj.weight",
+    "v": "model.layers.{}.self_attn.v_proj.weight",
+    "o": "model.layers.{}.self_attn.o_proj.weight",
+    "post_attn_norm": "model.layers.{}.post_attention_layernorm.weight",
+    "gate": "model.layers.{}.mlp.gate_proj.weight",
+    "up": "model.layers.{}.mlp.up_proj.weight",
+    "down": "model.layers.{}.mlp.down_proj.weight",
+}
+HF_GLOBAL = {
+    "embedding": "model.embed_tokens.weight",
+    "final_norm": "model.norm.weight",
+    "lm_head": "lm_head.weight",
+}
+IGNORED = ("rotary_emb.inv_freq",)
+
+
+class ConversionError(ValueError):
+    """Input that cannot be converted faithfully (one-line message)."""
+
+
+def canonical_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    h, f, v, hn = cfg.hidden_size, cfg.ffn_hidden_size, cfg.vocab_size, cfg.head_dim
+    a, g = cfg.num_attention_heads, cfg.num_query_groups
+    shapes = {"embedding": (v, h), "final_norm": (h,), "lm_head": (v, h)}
+    per_layer = {
+        "input_norm": (h,),
+        "q": (a * hn, h),
+        "k": (g * hn, h),
+        "v": (g * hn, h),
+        "o": (h, a * hn),
+        "post_attn_norm": (h,),
+        "gate": (f, h),
+        "up": (f, h),
+        "down": (h, f),
+    }
+    for i in range(cfg.num_layers):
+        shapes.update({f"layers.{i}.{k}": s for k, s in per_layer.items()})
+    return shapes
+
+
+def hf_name(canonical: str) -> str:
+    if canonical in HF_GLOBAL:
+        return HF_GLOBAL[canonical]
+    _, i, key = canonical.split(".", 2)
+    return HF_LAYER[key].format(i)
+
+
+def config_from_hf(path: str) -> ModelConfig:
+    """ModelConfig from an HF ``config.json``; unsupported features are errors."""
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise ConversionError(f"{cfg_path} does not exist")
+    with open(cfg_path) as f:
+        c = json.load(f)
+    if c.get("model_type") != "llama":
+        raise ConversionError(f"model_type {c.get('model_type')!r} is not 'llama'")
+    if c.get("tie_word_embeddings", False):
+        raise ConversionError("tied input/output embeddings are not supported (LLaMA unties them)")
+    if c.get("attention_bias") or c.get("mlp_bias"):
+        raise ConversionError("attention/MLP biases are not supported (LLaMA has none)")
+    scaling = c.get("rope_scaling")
+    if scaling and scaling.get("rope_type", scaling.get("type")) not in (None, "default"):
+        raise ConversionError(
+            f"rope_scaling {scaling.get('rope_type', scaling.get('type'))!r} is not supported"
+        )
+    if c.get("hidden_act", "silu") != "silu":
+        raise ConversionError(f"hidden_act {c['hidden_act']!r} is not supported (SwiGLU/silu)")
+    heads = c["num_attention_heads"]
+    head_dim = c.get("head_dim") or c["hidden_size"] // heads
+    return ModelConfig(
+        num_layers=c["num_hidden_layers"],
+        hidden_size=c["hidden_size"],
+        num_attention_heads=heads,
+        num_query_groups=c.get("num_key_value_heads") or heads,
+        ffn_hidden_size=c["intermediate_size"],
+        vocab_size=c["vocab_size"],
+        kv_channels=None if head_dim * heads == c["hidden_size"] else head_dim,
+        seq_length=c.get("max_position_embeddings", 4096),
+        rotary_base=float(c.get("rope_theta", 10000.0)),
+        norm_epsilon=float(c.get("rms_norm_eps", 1e-5)),
+    )
+
+
+def _weight_files(path: str) -> dict[str, str]:
+    """HF tensor name -> file holding it."""
+    for index_name, single in (
+        ("model.safetensors.index.json", "model.safetensors"),
+        ("pytorch_model.bin.index.json", "pytorch_model.bin"),
+    ):
+        index = os.path.join(path, index_name)
+        if os.path.isfile(index):
+            with open(index) as f:
+                mapping = json.load(f)["weight_map"]
+            for shard in sorted(set(mapping.values())):
+                if not os.path.isfile(os.path.join(path, shard)):
+                    raise ConversionError(f"shard {shard} named in {index_name} is missing")
+            return {k: os.path.join(path, v) for k, v in mapping.items()}
+        file = os.path.join(path, single)
+        if os.path.isfile(file):
+            if single.endswith(".safetensors"):
+                from safetensors import safe_open
+
+                with safe_open(file, "pt") as f:
+                    return {k: file for k in f.keys()}
+            return {k: file for k in torch.load(file, map_location="meta", weights_only=True)}
+    raise ConversionError(f"no model.safetensors / pytorch_model.bin (or index) in {path}")
+
+
+def read_hf(
+    path: str, dtype: torch.dtype | None = None
+) -> tuple[dict[str, torch.Tensor], ModelConfig]:
+    """Canonical weights and config of an HF LLaMA directory (strict keys and shapes)."""
+    cfg = config_from_hf(path)
+    files = _weight_files(path)
+    shapes = canonical_shapes(cfg)
+    wanted = {hf_name(k): k for k in shapes}
+    unknown = sorted(k for k in files if k not in wanted and not k.endswith(IGNORED))
+    if unknown:
+        raise ConversionError(f"unknown tensor {unknown[0]} in {path} ({len(unknown)} unknown)")
+    missing = sorted(set(wanted) - set(files))
+    if missing:
+        raise ConversionError(
+            f"tensor {missing[0]} is missing from {path} ({len(missing)} missing)"
+        )
+    out: dict[str, torch.Tensor] = {}
+    by_file: dict[str, list[str]] = {}
+    for name in wanted:
+        by_file.setdefault(files[name], []).append(name)
+    for file, names in by_file.items():
+        if file.endswith(".safetensors"):
+            from safetensors import safe_open
+
+            with safe_open(file, "pt") as f:
+                tensors = {n: f.get_tensor(n) for n in names}
+        else:
+            state = torch.load(file, map_location="cpu", weights_only=True)
+            tensors = {n: state[n] for n in names}
+        for name, t in tensors.items():
+            key = wanted[name]
+            if tuple(t.shape) != shapes[key]:
+                raise ConversionError(
+                    f"{name}: shape {tuple(t.shape)} does not match config.json {shapes[key]}"
+                )
+            out[key] = t.to(dtype) if dtype is not None else t
+    return out, cfg
+
+
+def hf_config_dict(cfg: ModelConfig, dtype: torch.dtype) -> dict:
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.ffn_hidden_size,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_attention_heads,
+        "num_key_value_heads": cfg.num_query_groups,
+        "head_dim": cfg.head_dim,
+        "max_position_embeddings": cfg.seq_length,
+        "rms_norm_eps": cfg.norm_epsilon,
+        "rope_theta": cfg.rotary_base,
+        "rope_scaling": None,
+        "vocab_size": cfg.vocab_size,
+        "hidden_act": "silu",
+        "tie_word_embeddings": False,
+        "attention_bias": False,
+        "mlp_bias": False,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "torch_dtype": str(dtype).replace("torch.", ""),
+    }
+
+
+def write_hf(
+    weights: dict[str, torch.Tensor],
+    cfg: ModelConfig,
+    path: str,
+    tokenizer: str | None = None,
+    overwrite: bool = False,
+    max_shard_bytes: int = 2 * 1024**3,
+    dtype: torch.dtype | None = None,
+) -> None:
+    """Write canonical weights as an HF LLaMA directory (atomically)."""
+    from safetensors.torch import save_file
+
+    if os.path.exists(path) and not overwrite:
+        raise ConversionError(f"output {path} exists (pass --overwrite to replace it)")
+    if tokenizer is not None and not os.path.isfile(tokenizer):
+        raise ConversionError(f"tokenizer {tokenizer} does not exist")
+    shapes = canonical_shapes(cfg)
+    if set(weights) != set(shapes):
+        raise ConversionError("weights do not match the config's tensor set")
+    tmp = path.rstrip("/") + ".tmp-hf"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    out_dtype = dtype or next(iter(weights.values())).dtype
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for key in sorted(shapes, key=lambda k: (k.count("."), k)):
+        t = weights[key].to(out_dtype).contiguous()
+        if size and size + t.numel() * t.element_size() > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][hf_name(key)] = t
+        size += t.numel() * t.element_size()
+    weight_map = {}
+    total = 0
+    for i, shard in enumerate(shards):
+        name = (
+            "model.safetensors"
+            if len(shards) == 1
+            else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        )
+        save_file(shard, os.path.join(tmp, name), metadata={"format": "pt"})
+        for k, t in shard.items():
+            weight_map[k] = name
+            total += t.numel() * t.element_size()
+    if len(shards) > 1:
+        with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+        json.dump(hf_config_dict(cfg, out_dtype), f, indent=2)
+    with open(os.path.join(tmp, "generation_config.json"), "w") as f:
+        json.dump({"bos_token_id": 1, "eos_token_id": 2, "do_sample": False}, f, indent=2)
+    if tokenizer is not None:
+        shutil.copyfile(tokenizer, os.path.join(tmp, "tokenizer.model"))
+        with open(os.path.join(tmp, "tokenizer_config.json"), "w") as f:
+            json.dump(
+                {
+                    "tokenizer_class": "LlamaTokenizer",
+                    "bos_token": "<s>",
+                    "eos_token": "</s>",
+                    "unk_token": "<unk>",
+                    "add_bos_token": True,
+                    "add_eos_token": False,
+                    "legacy": False,
+                    "model_max_length": cfg.seq_length,
+                },
+                f,
+                indent=2,
+            )
+        with open(os.path.join(tmp, "special_tokens_map.json"), "w") as f:
+            json.dump({"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}, f)
+    if os.path.exists(path):
+        shutil.rmtree(path)
+    os.replace(tmp, path)

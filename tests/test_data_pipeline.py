@@ -250,3 +250,39 @@ def test_domain_batches_carry_domain_ids(small_data):
     src2.load_state_dict(state)
     assert (src2.next_global_batch(6)["tokens"] == nxt["tokens"]).all()
     save_manifest(m, str(d / "copy.yaml"))
+
+
+def test_scaling_fit_recovers_a_known_law_and_needs_three_points(tmp_path):
+    from megashear.data.reference_loss import reference_losses, scaling_law
+
+    a, b, c = 300.0, 0.3, 0.8
+    ns = [1e9, 3e9, 7e9, 13e9, 70e9]
+    data = {"x": [[n, float(scaling_law(n, a, b, c))] for n in ns]}
+    got = reference_losses(data, 2e9)["x"]
+    assert abs(got - float(scaling_law(2e9, a, b, c))) < 1e-6
+    with pytest.raises(ValueError, match="domain y: a scaling fit needs at least 3"):
+        reference_losses({"y": [[1e9, 2.0], [2e9, 1.9]]}, 1e9)
+    # the tool: REFERENCE §5's LLaMA2 losses evaluated at the 1.3B target lie above the 7B ones
+    (tmp_path / "pts.json").write_text(
+        json.dumps(
+            {
+                "cc": [[6738415616, 1.7520], [13015864320, 1.6680], [68976648192, 1.4621]],
+                "github": [[6738415616, 0.6216], [13015864320, 0.5791], [68976648192, 0.4890]],
+            }
+        )
+    )
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "tools/fit_reference_loss.py"),
+            str(tmp_path / "pts.json"),
+            "--target-preset",
+            "sheared-llama-1.3b",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["cc"] > 1.7520 and out["github"] > 0.6216

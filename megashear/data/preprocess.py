@@ -75,11 +75,16 @@ def _encode(line: str) -> tuple[list[int] | None, int]:
     return _SP.encode(text) + [_SP.eos_id()], len(text.encode("utf-8"))
 
 
-def _lines(path: str) -> Iterator[str]:
+def _lines(path: str, max_bytes: int | None = None) -> Iterator[str]:
+    """Non-empty lines; with ``max_bytes``, stop once that much line text has been read."""
+    size = 0
     with open_text(path) as f:
         for line in f:
             if line.strip():
                 yield line
+                size += len(line)
+                if max_bytes is not None and size >= max_bytes:
+                    return
 
 
 def preprocess_domain(
@@ -93,7 +98,7 @@ def preprocess_domain(
 ) -> DomainStats:
     """Tokenize one domain into ``{out_prefix}_train`` and ``{out_prefix}_valid`` datasets.
 
-    ``max_bytes`` stops after that much document text (for samples of large domains).
+    ``max_bytes`` stops after that many bytes of input lines (for samples of large domains).
     """
     import torch
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
@@ -104,7 +109,11 @@ def preprocess_domain(
         split: IndexedDatasetBuilder(p + ".bin", dtype=np.int32) for split, p in tmp.items()
     }
     with mp.get_context("spawn").Pool(workers, _init_worker, (tokenizer,)) as pool:
-        for line, (ids, size) in zip(_lines(path), pool.imap(_encode, _lines(path), chunksize=16)):
+        # The pool drains its whole input (no early break: terminating a pool whose feeder
+        # thread is still reading can hang), so the input itself stops at max_bytes.
+        lines = _lines(path, max_bytes)
+        encoded = pool.imap(_encode, _lines(path, max_bytes), chunksize=16)
+        for line, (ids, size) in zip(lines, encoded):
             if ids is None:
                 stats.bad_lines += 1
                 if len(stats.bad_examples) < 3:
@@ -124,8 +133,6 @@ def preprocess_domain(
             stats.bytes += size
             if progress is not None:
                 progress.update(size)
-            if max_bytes is not None and stats.bytes >= max_bytes:
-                break
     for split, p in tmp.items():
         builders[split].finalize(p + ".idx")
         for ext in (".bin", ".idx"):

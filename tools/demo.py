@@ -207,7 +207,7 @@ def main() -> int:
         "--pruning.lagrangian_warmup_steps=40",
         "--pruning.lr_log_alpha=0.5",
         "--pruning.lr_lambda=0.5",
-        "--data.update_interval=20",
+        f"--data.update_interval={max(2, args.prune_steps // 8)}",
         f"--logging.dir={out / 'prune'}",
         f"--checkpoint.save={out / 'ckpt/prune'}",
         nproc=2,
@@ -248,7 +248,7 @@ def main() -> int:
         "--train.lr=2e-3",
         "--train.min_lr=2e-4",
         "--train.lr_warmup_iters=10",
-        "--data.update_interval=25",
+        f"--data.update_interval={max(2, args.continue_steps // 8)}",
         f"--logging.dir={out / 'continue'}",
         f"--checkpoint.save={out / 'ckpt/continue'}",
     )

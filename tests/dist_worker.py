@@ -1,6 +1,6 @@
 """Runs a list of training jobs under torchrun; the tests compare what rank 0 writes.
 
-Usage: ``torchrun --standalone --nproc_per_node N tests/dist_worker.py PLAN.json OUT.json``
+Usage: ``torchrun --standalone --nproc_per_node N tests/dist_worker.py PLAN.pt OUT.pt``
 
 PLAN is a list of jobs, run one after the other in the same process group::
 
@@ -14,9 +14,9 @@ OUT maps each job name to its per-step losses (or its error message).
 
 from __future__ import annotations
 
-import json
 import sys
 
+import torch
 import torch.distributed as dist
 
 from megashear.config import CheckpointConfig, ParallelConfig, TrainConfig
@@ -68,8 +68,7 @@ def run_job(job: dict) -> list[float]:
 
 def main() -> None:
     plan_path, out_path = sys.argv[1], sys.argv[2]
-    with open(plan_path) as f:
-        plan = json.load(f)
+    plan = torch.load(plan_path, weights_only=False)
     results = {}
     for job in plan:
         try:
@@ -79,8 +78,7 @@ def main() -> None:
             if job.get("expect_error") is None:
                 raise
     if dist.get_rank() == 0:
-        with open(out_path, "w") as f:
-            json.dump(results, f)
+        torch.save(results, out_path)
     dist.barrier()
     dist.destroy_process_group()
 

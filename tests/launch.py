@@ -1,22 +1,31 @@
-"""Start ``tests/dist_worker.py`` under torchrun in a subprocess with a timeout."""
+"""Start a worker script under torchrun in a subprocess with a timeout.
+
+The plan (a list of job dicts) goes to the worker as a ``torch.save`` file; rank 0 writes the
+results the same way.
+"""
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
-WORKER = Path(__file__).with_name("dist_worker.py")
+import torch
+
+HERE = Path(__file__).parent
+DIST_WORKER = HERE / "dist_worker.py"
+PRUNE_WORKER = HERE / "prune_worker.py"
 
 
-def torchrun(nproc: int, plan: list[dict], workdir: Path, timeout: float = 900) -> dict:
+def torchrun(
+    nproc: int, plan: list[dict], workdir: Path, worker: Path = DIST_WORKER, timeout: float = 900
+) -> dict:
     """Run ``plan`` on ``nproc`` CPU ranks; return rank 0's results (raises on failure)."""
     workdir.mkdir(parents=True, exist_ok=True)
-    plan_path = workdir / f"plan_{nproc}_{len(plan)}.json"
-    out_path = workdir / f"out_{nproc}_{len(plan)}.json"
-    plan_path.write_text(json.dumps(plan))
+    plan_path = workdir / f"plan_{worker.stem}_{nproc}.pt"
+    out_path = workdir / f"out_{worker.stem}_{nproc}.pt"
+    torch.save(plan, plan_path)
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONWARNINGS="ignore")
     cmd = [
         sys.executable,
@@ -24,7 +33,7 @@ def torchrun(nproc: int, plan: list[dict], workdir: Path, timeout: float = 900) 
         "torch.distributed.run",
         "--standalone",
         f"--nproc_per_node={nproc}",
-        str(WORKER),
+        str(worker),
         str(plan_path),
         str(out_path),
     ]
@@ -32,4 +41,9 @@ def torchrun(nproc: int, plan: list[dict], workdir: Path, timeout: float = 900) 
     if proc.returncode != 0:
         tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-60:])
         raise AssertionError(f"torchrun failed with code {proc.returncode}:\n{tail}")
-    return json.loads(out_path.read_text())
+    return torch.load(out_path, weights_only=False)
+
+
+def prune_torchrun(nproc: int, plan: list[dict], workdir: Path, timeout: float = 900) -> dict:
+    """:func:`torchrun` with ``tests/prune_worker.py``."""
+    return torchrun(nproc, plan, workdir, PRUNE_WORKER, timeout)

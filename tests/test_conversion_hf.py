@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.test_masked_model import torchrun
+from tests.launch import prune_torchrun as torchrun
 
 pytestmark = pytest.mark.dist
 ROOT = Path(__file__).resolve().parents[1]

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from megashear.model_config import ModelConfig
-from tests.test_masked_model import GQA_TARGET, MHA_TARGET, torchrun
+from tests.launch import prune_torchrun as torchrun
+from tests.test_masked_model import GQA_TARGET, MHA_TARGET
 
 pytestmark = pytest.mark.dist
 MODELS = {

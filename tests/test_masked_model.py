@@ -4,13 +4,12 @@ equality with the plain model at all-ones masks, and the Lagrangian reaching its
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from tests.launch import prune_torchrun
 
 pytestmark = pytest.mark.dist
 WORKER = Path(__file__).with_name("prune_worker.py")
@@ -31,28 +30,6 @@ MHA_TARGET = {
     "kv_channels": 16,
 }
 ALL = ["hidden", "head", "head_layer", "intermediate", "mlp", "layer"]
-
-
-def torchrun(nproc: int, plan: list[dict], workdir: Path, timeout: float = 900) -> dict:
-    workdir.mkdir(parents=True, exist_ok=True)
-    plan_path, out_path = workdir / f"plan{nproc}.pt", workdir / f"out{nproc}.pt"
-    torch.save(plan, plan_path)
-    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONWARNINGS="ignore")
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc_per_node={nproc}",
-        str(WORKER),
-        str(plan_path),
-        str(out_path),
-    ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    if proc.returncode != 0:
-        tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-60:])
-        raise AssertionError(f"torchrun failed with code {proc.returncode}:\n{tail}")
-    return torch.load(out_path, weights_only=False)
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +69,7 @@ def runs(tmp_path_factory):
             "save": ck,
         },
     ]
-    out = torchrun(4, four, d)
+    out = prune_torchrun(4, four, d)
     two = [
         {
             "name": f"grads_{m}_tp{tp}pp{pp}",
@@ -106,7 +83,7 @@ def runs(tmp_path_factory):
         for m in ("gqa", "mha")
         for tp, pp in ((2, 1), (1, 2))
     ]
-    out.update(torchrun(2, two, d))
+    out.update(prune_torchrun(2, two, d))
     one = [
         {
             "name": f"grads_{m}_tp1pp1",
@@ -129,7 +106,7 @@ def runs(tmp_path_factory):
             "lr_lambda": 0.5,
         },
     ]
-    out.update(torchrun(1, one, d))
+    out.update(prune_torchrun(1, one, d))
     return out
 
 

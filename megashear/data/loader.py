@@ -16,6 +16,7 @@ import torch
 
 from megashear.data.manifest import Manifest, load_manifest
 from megashear.data.sampler import DynamicDomainSampler
+from megashear.training.batches import pack_windows
 
 
 def token_stream(prefix: str) -> np.ndarray:
@@ -38,15 +39,6 @@ class DomainWindows:
         return np.asarray(self.stream[j * s : j * s + s + 1], dtype=np.int64)
 
 
-def pack(rows: list[np.ndarray]) -> dict[str, torch.Tensor]:
-    t = torch.from_numpy(np.stack(rows))
-    return {
-        "tokens": t[:, :-1].contiguous(),
-        "labels": t[:, 1:].contiguous(),
-        "loss_mask": torch.ones(t.shape[0], t.shape[1] - 1, dtype=torch.float32),
-    }
-
-
 class DomainBatches:
     """A :class:`~megashear.training.batches.BatchSource` over several domains."""
 
@@ -65,7 +57,7 @@ class DomainBatches:
 
     def next_global_batch(self, global_batch_size: int) -> dict[str, torch.Tensor]:
         picks = self.sampler.next_global_batch(global_batch_size)
-        batch = pack([self.domains[d].window(j) for d, j in picks])
+        batch = pack_windows(np.stack([self.domains[d].window(j) for d, j in picks]))
         batch["domain_id"] = torch.tensor([d for d, _ in picks], dtype=torch.long)
         return batch
 
@@ -86,7 +78,7 @@ def validation_batches(
         n = min(sequences, windows.size)
         if n < 1:
             raise ValueError(f"domain {d.name} has fewer than {seq_length + 1} validation tokens")
-        out[d.name] = pack([windows.window(j) for j in range(n)])
+        out[d.name] = pack_windows(np.stack([windows.window(j) for j in range(n)]))
     return out
 
 

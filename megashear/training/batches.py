@@ -26,7 +26,7 @@ class BatchSource(Protocol):
     def load_state_dict(self, state: dict) -> None: ...
 
 
-def _pack(samples: np.ndarray) -> dict[str, torch.Tensor]:
+def pack_windows(samples: np.ndarray) -> dict[str, torch.Tensor]:
     """``[B, s + 1]`` token windows -> tokens / labels / loss_mask, each ``[B, s]``."""
     t = torch.from_numpy(np.ascontiguousarray(samples, dtype=np.int64))
     return {
@@ -36,7 +36,29 @@ def _pack(samples: np.ndarray) -> dict[str, torch.Tensor]:
     }
 
 
-class SyntheticBatches:
+class CountedSource:
+    """A source whose sample ``i`` is a pure function of ``i``; its state is the count."""
+
+    def __init__(self) -> None:
+        self.consumed = 0
+
+    def sample(self, index: int) -> np.ndarray:
+        """Global sample ``index`` as a ``[s + 1]`` token window."""
+        raise NotImplementedError
+
+    def next_global_batch(self, global_batch_size: int) -> dict[str, torch.Tensor]:
+        rows = [self.sample(self.consumed + i) for i in range(global_batch_size)]
+        self.consumed += global_batch_size
+        return pack_windows(np.stack(rows))
+
+    def state_dict(self) -> dict:
+        return {"consumed": self.consumed}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.consumed = int(state["consumed"])
+
+
+class SyntheticBatches(CountedSource):
     """Learnable synthetic sequences keyed on (seed, sample index), for tests and benchmarks.
 
     Sample ``i`` is an arithmetic progression ``(start + stride * t) % vocab`` with ``start`` and
@@ -45,54 +67,37 @@ class SyntheticBatches:
     """
 
     def __init__(self, vocab_size: int, seq_length: int, seed: int = 0) -> None:
+        super().__init__()
         self.vocab_size, self.seq_length, self.seed = vocab_size, seq_length, seed
-        self.consumed = 0
 
-    def _sample(self, index: int) -> np.ndarray:
+    def sample(self, index: int) -> np.ndarray:
         rng = np.random.default_rng([self.seed, index])
         start, stride = rng.integers(0, self.vocab_size), rng.integers(1, 4)
         return (start + stride * np.arange(self.seq_length + 1)) % self.vocab_size
 
-    def next_global_batch(self, global_batch_size: int) -> dict[str, torch.Tensor]:
-        rows = [self._sample(self.consumed + i) for i in range(global_batch_size)]
-        self.consumed += global_batch_size
-        return _pack(np.stack(rows))
 
-    def state_dict(self) -> dict:
-        return {"consumed": self.consumed}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.consumed = int(state["consumed"])
-
-
-class TokenWindowBatches:
+class TokenWindowBatches(CountedSource):
     """Fixed-length windows over one token array, visited in a seeded order, epoch after epoch."""
 
     def __init__(self, tokens: np.ndarray, seq_length: int, seed: int = 0) -> None:
+        super().__init__()
         self.tokens, self.seq_length, self.seed = tokens, seq_length, seed
         self.num_windows = (len(tokens) - 1) // seq_length
         if self.num_windows < 1:
             raise ValueError(
                 f"{len(tokens)} tokens are too few for one window of seq_length={seq_length}"
             )
-        self.consumed = 0
+        self._order: tuple[int, np.ndarray] | None = None
 
-    def _window(self, index: int) -> np.ndarray:
+    def sample(self, index: int) -> np.ndarray:
         epoch, pos = divmod(index, self.num_windows)
-        order = np.random.default_rng([self.seed, epoch]).permutation(self.num_windows)
-        start = int(order[pos]) * self.seq_length
+        if self._order is None or self._order[0] != epoch:
+            self._order = (
+                epoch,
+                np.random.default_rng([self.seed, epoch]).permutation(self.num_windows),
+            )
+        start = int(self._order[1][pos]) * self.seq_length
         return self.tokens[start : start + self.seq_length + 1]
-
-    def next_global_batch(self, global_batch_size: int) -> dict[str, torch.Tensor]:
-        rows = [self._window(self.consumed + i) for i in range(global_batch_size)]
-        self.consumed += global_batch_size
-        return _pack(np.stack(rows))
-
-    def state_dict(self) -> dict:
-        return {"consumed": self.consumed}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.consumed = int(state["consumed"])
 
 
 def split_for_rank(

@@ -63,3 +63,14 @@ def test_demo_pipeline_micro(tmp_path):
     assert {"loss.png", "sparsity.png", "domain_weights.png", "excess_loss.png"} <= pngs
     events = [json.loads(x) for x in (out / "prune" / "events.jsonl").read_text().splitlines()]
     assert any(e["kind"] == "domain_update" for e in events)
+    # per-domain training loss is logged with every step of a manifest-driven run
+    cont = [json.loads(x) for x in (out / "continue" / "events.jsonl").read_text().splitlines()]
+    train = [e for e in cont if e["kind"] == "train"]
+    assert train and set(train[-1]["domain_loss"]) <= {
+        "web",
+        "github",
+        "wikipedia",
+        "books",
+        "arxiv",
+        "stackexchange",
+    }

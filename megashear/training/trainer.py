@@ -30,13 +30,29 @@ from megashear.training.batches import BatchSource, split_for_rank
 logger = logging.getLogger(__name__)
 
 
-def _loss_func(loss_mask: torch.Tensor, output: torch.Tensor):
-    """Per-token losses ``[b, s]`` -> (sum, token count, [sum, count] for reporting)."""
+def _loss_func(
+    loss_mask: torch.Tensor,
+    domain_id: torch.Tensor | None,
+    num_domains: int,
+    output: torch.Tensor,
+):
+    """Per-token losses ``[b, s]`` -> (sum, token count, reports).
+
+    Reports: ``lm loss`` = [sum, count]; with domain ids ``[b]``, ``domain loss`` =
+    [per-domain sums (k), per-domain counts (k)].
+    """
     mask = loss_mask.to(output.dtype)
-    loss_sum = (output.float() * mask).sum()
+    per_token = output.float() * mask  # [b, s]
+    loss_sum = per_token.sum()
     num_tokens = mask.sum().to(torch.int)
-    report = torch.stack([loss_sum.detach().clone(), mask.sum().detach().float()])
-    return loss_sum, num_tokens, {"lm loss": report}
+    reports = {"lm loss": torch.stack([loss_sum.detach().clone(), mask.sum().detach().float()])}
+    if domain_id is not None and num_domains:
+        sums = torch.zeros(num_domains, dtype=torch.float32, device=output.device)
+        counts = torch.zeros_like(sums)
+        sums.index_add_(0, domain_id, per_token.detach().sum(1))
+        counts.index_add_(0, domain_id, mask.detach().float().sum(1))
+        reports["domain loss"] = torch.cat([sums, counts])
+    return loss_sum, num_tokens, reports
 
 
 def forward_step(data_iterator, model):
@@ -56,7 +72,13 @@ def forward_batch(batch: dict, model):
         None,
         labels=batch["labels"].to(device),
     )
-    return output, partial(_loss_func, batch["loss_mask"].to(device))
+    domain_id = batch.get("domain_id")
+    return output, partial(
+        _loss_func,
+        batch["loss_mask"].to(device),
+        None if domain_id is None else domain_id.to(device),
+        int(batch.get("num_domains", 0)),
+    )
 
 
 class Trainer:
@@ -221,30 +243,57 @@ class Trainer:
             forward_only=forward_only,
         )
 
-    def reduce_loss(self, reports: list[dict], key: str = "lm loss") -> float:
-        """Token-weighted mean of ``key`` over micro-batches, DP ranks and (broadcast) stages."""
+    def reduce_sums(self, reports: list[dict], key: str) -> torch.Tensor:
+        """``key`` summed over micro-batches and DP ranks, broadcast from the last stage."""
         from megatron.core import parallel_state as ps
 
-        totals = torch.zeros(2, dtype=torch.float64)
+        totals = None
         for report in reports:
-            totals += report[key].double().cpu()
-        device = platform.default_device()
-        totals = totals.to(device)
+            value = report[key].double().cpu()
+            totals = value if totals is None else totals + value
+        width = 0 if totals is None else totals.numel()
+        if ps.get_pipeline_model_parallel_world_size() > 1:
+            # stages other than the last have no reports: agree on the width first
+            w = torch.tensor([width], device=platform.default_device())
+            last = ps.get_pipeline_model_parallel_last_rank()
+            dist.broadcast(w, src=last, group=ps.get_pipeline_model_parallel_group())
+            width = int(w.item())
+        if totals is None:
+            totals = torch.zeros(width, dtype=torch.float64)
+        totals = totals.to(platform.default_device())
         if ps.is_pipeline_last_stage(ignore_virtual=True):
             dist.all_reduce(totals, group=ps.get_data_parallel_group())
         if ps.get_pipeline_model_parallel_world_size() > 1:
             last = ps.get_pipeline_model_parallel_last_rank()
             dist.broadcast(totals, src=last, group=ps.get_pipeline_model_parallel_group())
+        return totals.cpu()
+
+    def reduce_loss(self, reports: list[dict], key: str = "lm loss") -> float:
+        """Token-weighted mean of ``key`` over micro-batches, DP ranks and (broadcast) stages."""
+        totals = self.reduce_sums(reports, key)
         return float(totals[0] / totals[1].clamp(min=1))
+
+    def domain_train_losses(self, reports: list[dict]) -> dict[str, float]:
+        """Per-domain training loss of the step (token-weighted), when batches carry domains."""
+        names = getattr(self.batches, "names", None)
+        if not names:
+            return {}
+        totals = self.reduce_sums(reports, "domain loss")
+        k = len(names)
+        return {
+            n: float(totals[i] / totals[k + i]) for i, n in enumerate(names) if totals[k + i] > 0
+        }
 
     def train_step(self) -> dict[str, float]:
         """One optimizer step on the next global batch. Returns loss, lr, grad_norm, tokens/s."""
         start = time.perf_counter()
         batch = self.batches.next_global_batch(self.cfg.global_batch_size)
         microbatches = split_for_rank(batch, self.dp_rank, self.dp_size, self.cfg.micro_batch_size)
+        num_domains = len(getattr(self.batches, "names", None) or [])
         for i, mb in enumerate(microbatches):
             mb["iteration"] = self.iteration
             mb["microbatch"] = self.dp_rank * len(microbatches) + i  # global index
+            mb["num_domains"] = num_domains
         for chunk in self.model:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
@@ -257,6 +306,8 @@ class Trainer:
         self.scheduler.step(increment=self.cfg.global_batch_size)
         self.iteration += 1
         loss = self.reduce_loss(reports)
+        if num_domains:
+            extra["domain_loss"] = self.domain_train_losses(reports)
         elapsed = time.perf_counter() - start
         tokens = batch["loss_mask"].numel()
         return {

@@ -26,7 +26,47 @@ from megashear.training.batches import SyntheticBatches
 from megashear.training.trainer import Trainer
 
 
-def run_job(job: dict) -> list[float]:
+def run_dynamic_loading(job: dict) -> dict:
+    """Train with dynamic batch loading; every rank's weights after each update, gathered."""
+    import dataclasses
+
+    from megashear.data.loader import DomainBatches, validation_batches
+    from megashear.data.manifest import load_manifest
+    from megashear.training.dynamic_loading import DynamicBatchLoading
+
+    manifest = load_manifest(job["manifest"])
+    cfg = dataclasses.replace(get_preset(job["model"]), vocab_size=manifest.vocab_size)
+    par = ParallelConfig(tp=job.get("tp", 1), pp=job.get("pp", 1))
+    train = TrainConfig(micro_batch_size=2, global_batch_size=8, train_iters=job["steps"])
+    batches = DomainBatches(manifest, cfg.seq_length, seed=5)
+    trainer = Trainer(cfg, par, train, batches)
+    if job.get("save_init"):
+        checkpointing.save_model_checkpoint(trainer.model, cfg, job["save_init"])
+    if job.get("init"):
+        checkpointing.load_model_weights(trainer.model, cfg, job["init"])
+    valid = validation_batches(manifest, cfg.seq_length, 4)
+    dbl = DynamicBatchLoading(batches, valid, job["reference"], "paper", interval=2)
+    updates = []
+    while trainer.iteration < job["steps"]:
+        stats = trainer.train_step()
+        if trainer.iteration % 2 == 0:
+            record = dbl.update(trainer)
+            mine = torch.tensor(batches.sampler.weights)
+            every = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+            dist.all_gather(every, mine)
+            updates.append(
+                {
+                    "losses": record["losses"],
+                    "weights": torch.stack(every),
+                    "train_loss": stats["loss"],
+                }
+            )
+    return {"updates": updates}
+
+
+def run_job(job: dict):
+    if job.get("mode") == "dynamic_loading":
+        return run_dynamic_loading(job)
     cfg = get_preset(job["model"])
     par = ParallelConfig(tp=job.get("tp", 1), pp=job.get("pp", 1), vpp=job.get("vpp"))
     train = TrainConfig(

@@ -75,6 +75,9 @@ def main() -> int:
             input_sentence_size=300_000,
             shuffle_input_sentence=True,
         )
+    except RuntimeError as exc:  # e.g. a vocabulary smaller than the byte + character set
+        print(f"error: sentencepiece: {str(exc).splitlines()[0]}", file=sys.stderr)
+        return 2
     finally:
         os.unlink(tmp.name)
     for ext in (".model", ".vocab"):

@@ -13,7 +13,6 @@ More than ``--max-bad-fraction`` malformed lines in a domain is an error.
 from __future__ import annotations
 
 import argparse
-import glob
 import os
 import sys
 import time
@@ -36,21 +35,12 @@ def main() -> int:
     )
     args = parser.parse_args()
 
-    files = []
-    for item in args.input:
-        if os.path.isdir(item):
-            files += sorted(
-                p
-                for ext in ("jsonl", "jsonl.gz", "jsonl.xz", "jsonl.bz2")
-                for p in glob.glob(os.path.join(item, f"*.{ext}"))
-            )
-        elif os.path.isfile(item):
-            files.append(item)
-        else:
-            print(f"error: input {item} does not exist", file=sys.stderr)
-            return 2
-    if not files:
-        print(f"error: no .jsonl[.gz|.xz] files in {args.input}", file=sys.stderr)
+    from megashear.data.preprocess import expand_inputs
+
+    try:
+        files = expand_inputs(args.input)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     if not os.path.isfile(args.tokenizer):
         print(f"error: tokenizer {args.tokenizer} does not exist", file=sys.stderr)

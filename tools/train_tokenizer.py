@@ -10,7 +10,6 @@ BPE with byte fallback and split digits; unk=0, bos=1, eos=2, no pad (as LLaMA).
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import os
 import sys
@@ -24,17 +23,12 @@ def main() -> int:
     parser.add_argument("--sample-bytes-per-domain", type=int, default=1_000_000)
     parser.add_argument("--output-prefix", required=True)
     args = parser.parse_args()
-    files = []
-    for item in args.input:
-        if os.path.isdir(item):
-            files += sorted(glob.glob(os.path.join(item, "*.jsonl*")))
-        elif os.path.isfile(item):
-            files.append(item)
-        else:
-            print(f"error: input {item} does not exist", file=sys.stderr)
-            return 2
-    if not files:
-        print(f"error: no input files in {args.input}", file=sys.stderr)
+    from megashear.data.preprocess import expand_inputs
+
+    try:
+        files = expand_inputs(args.input)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     import sentencepiece as spm
 

@@ -18,6 +18,7 @@ import shutil
 import torch
 
 from megashear.model_config import ModelConfig
+from megashear.pruning.reference_forward import canonical_shapes
 
 HF_LAYER = {
     "input_norm": "model.layers.{}.input_layernorm.weight",
@@ -40,26 +41,6 @@ IGNORED = ("rotary_emb.inv_freq",)
 
 class ConversionError(ValueError):
     """Input that cannot be converted faithfully (one-line message)."""
-
-
-def canonical_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    h, f, v, hn = cfg.hidden_size, cfg.ffn_hidden_size, cfg.vocab_size, cfg.head_dim
-    a, g = cfg.num_attention_heads, cfg.num_query_groups
-    shapes = {"embedding": (v, h), "final_norm": (h,), "lm_head": (v, h)}
-    per_layer = {
-        "input_norm": (h,),
-        "q": (a * hn, h),
-        "k": (g * hn, h),
-        "v": (g * hn, h),
-        "o": (h, a * hn),
-        "post_attn_norm": (h,),
-        "gate": (f, h),
-        "up": (f, h),
-        "down": (h, f),
-    }
-    for i in range(cfg.num_layers):
-        shapes.update({f"layers.{i}.{k}": s for k, s in per_layer.items()})
-    return shapes
 
 
 def hf_name(canonical: str) -> str:

@@ -38,6 +38,32 @@ def open_text(path: str):
     return open(path, encoding="utf-8")
 
 
+INPUT_EXTENSIONS = ("jsonl", "jsonl.gz", "jsonl.xz", "jsonl.bz2")
+
+
+def expand_inputs(items: list[str]) -> list[str]:
+    """Files named, plus every ``*.jsonl[.gz|.xz|.bz2]`` in directories named.
+
+    Raises:
+        ValueError: an item does not exist, or nothing was found.
+    """
+    files = []
+    for item in items:
+        if os.path.isdir(item):
+            files += sorted(
+                os.path.join(item, n)
+                for n in os.listdir(item)
+                if any(n.endswith("." + ext) for ext in INPUT_EXTENSIONS)
+            )
+        elif os.path.isfile(item):
+            files.append(item)
+        else:
+            raise ValueError(f"input {item} does not exist")
+    if not files:
+        raise ValueError(f"no .jsonl[.gz|.xz|.bz2] files in {items}")
+    return files
+
+
 def domain_name(path: str) -> str:
     name = os.path.basename(path)
     for ext in (".gz", ".xz", ".bz2", ".jsonl", ".json"):

@@ -5,6 +5,8 @@
         [--tp N --pp M] [--dtype fp32|bf16|fp16] [--overwrite]
     python tools/convert_checkpoint.py megatron-to-hf --load MEGATRON_DIR --save HF_DIR \\
         [--tokenizer tokenizer.model] [--dtype ...] [--overwrite]
+    python tools/convert_checkpoint.py meta-to-megatron --load META_DIR --save MEGATRON_DIR \\
+        [--tp N --pp M]
     python tools/convert_checkpoint.py reshard --load MEGATRON_DIR --save OUT [--tp N --pp M]
 
 megashear's checkpoints store every tensor by its global shape (megatron-core
@@ -57,6 +59,21 @@ def hf_to_megatron(args) -> dict:
     return {"saved": args.save, "model": cfg.to_dict(), "tp": args.tp, "pp": args.pp}
 
 
+def meta_to_megatron(args) -> dict:
+    from megashear.conversion.megatron_layout import canonical_to_megatron
+    from megashear.conversion.meta import read_meta
+    from megashear.training.checkpointing import save_megatron_checkpoint
+
+    if os.path.exists(args.save) and not args.overwrite:
+        raise ValueError(f"output {args.save} exists (pass --overwrite to replace it)")
+    weights, cfg = read_meta(args.load)
+    if args.dtype:
+        weights = {k: v.to(_dtype(args.dtype)) for k, v in weights.items()}
+    _check_layout(cfg, args.tp, args.pp)
+    save_megatron_checkpoint(canonical_to_megatron(weights, cfg), cfg, args.save, args.overwrite)
+    return {"saved": args.save, "model": cfg.to_dict(), "tp": args.tp, "pp": args.pp}
+
+
 def megatron_to_hf(args) -> dict:
     from tqdm import tqdm
 
@@ -98,7 +115,7 @@ def reshard(args) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    for name in ("hf-to-megatron", "megatron-to-hf", "reshard"):
+    for name in ("hf-to-megatron", "meta-to-megatron", "megatron-to-hf", "reshard"):
         p = sub.add_parser(name)
         p.add_argument("--load", required=True)
         p.add_argument("--save", required=True)
@@ -115,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     commands = {
         "hf-to-megatron": hf_to_megatron,
+        "meta-to-megatron": meta_to_megatron,
         "megatron-to-hf": megatron_to_hf,
         "reshard": reshard,
     }

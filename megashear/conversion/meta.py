@@ -1,0 +1,172 @@
+"""Meta's original LLaMA format (``params.json`` + ``consolidated.NN.pth``) <-> canonical weights.
+
+Model-parallel shards (LLaMA2-13B has 2, 70B has 8) are split as Meta's code splits them:
+``tok_embeddings`` on dim 1; ``wq``, ``wk``, ``wv``, ``w1`` (gate), ``w3`` (up) and ``output``
+on dim 0; ``wo`` and ``w2`` (down) on dim 1; norms replicated.
+
+Rotary order: Meta's q/k rows pair dimensions ``(2j, 2j+1)`` (interleaved); HF and megatron-core
+(``rotary_interleaved=False``) pair ``(j, j + hn/2)``. :func:`meta_to_hf_rows` is the permutation
+HF's conversion script applies (per head: ``view(n, hn/2, 2, h).transpose(1, 2)``);
+:func:`hf_to_meta_rows` is its inverse.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+
+import torch
+
+from megashear.model_config import ModelConfig
+
+SPLIT_DIM = {
+    "tok_embeddings": 1,
+    "output": 0,
+    "attention.wq": 0,
+    "attention.wk": 0,
+    "attention.wv": 0,
+    "attention.wo": 1,
+    "feed_forward.w1": 0,
+    "feed_forward.w3": 0,
+    "feed_forward.w2": 1,
+}
+LAYER = {
+    "input_norm": "attention_norm",
+    "q": "attention.wq",
+    "k": "attention.wk",
+    "v": "attention.wv",
+    "o": "attention.wo",
+    "post_attn_norm": "ffn_norm",
+    "gate": "feed_forward.w1",
+    "up": "feed_forward.w3",
+    "down": "feed_forward.w2",
+}
+GLOBAL = {"embedding": "tok_embeddings", "final_norm": "norm", "lm_head": "output"}
+
+
+def meta_to_hf_rows(w: torch.Tensor, heads: int) -> torch.Tensor:
+    """``[heads*hn, h]`` from Meta's interleaved rotary order to HF's half-split order."""
+    rows, h = w.shape
+    return w.view(heads, rows // heads // 2, 2, h).transpose(1, 2).reshape(rows, h)
+
+
+def hf_to_meta_rows(w: torch.Tensor, heads: int) -> torch.Tensor:
+    """Inverse of :func:`meta_to_hf_rows`."""
+    rows, h = w.shape
+    return w.view(heads, 2, rows // heads // 2, h).transpose(1, 2).reshape(rows, h)
+
+
+def ffn_size(dim: int, multiple_of: int, ffn_dim_multiplier: float | None) -> int:
+    """LLaMA's FFN width rule."""
+    hidden = int(2 * (4 * dim) / 3)
+    if ffn_dim_multiplier is not None:
+        hidden = int(ffn_dim_multiplier * hidden)
+    return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
+
+
+def _meta_name(canonical: str) -> str:
+    if canonical in GLOBAL:
+        return GLOBAL[canonical] + ".weight"
+    _, i, key = canonical.split(".", 2)
+    return f"layers.{i}.{LAYER[key]}.weight"
+
+
+def _split_dim(meta_name: str) -> int | None:
+    base = meta_name.rsplit(".weight", 1)[0]
+    base = base.split(".", 2)[2] if base.startswith("layers.") else base
+    return SPLIT_DIM.get(base)
+
+
+def read_meta(path: str) -> tuple[dict[str, torch.Tensor], ModelConfig]:
+    """Canonical weights (HF rotary order) and config of a Meta checkpoint directory."""
+    from megashear.conversion.hf import ConversionError
+    from megashear.pruning.reference_forward import canonical_shapes
+
+    params_path = os.path.join(path, "params.json")
+    if not os.path.isfile(params_path):
+        raise ConversionError(f"{params_path} does not exist")
+    with open(params_path) as f:
+        p = json.load(f)
+    files = sorted(glob.glob(os.path.join(path, "consolidated.*.pth")))
+    if not files:
+        raise ConversionError(f"no consolidated.NN.pth shards in {path}")
+    shards = [torch.load(f, map_location="cpu", weights_only=True) for f in files]
+    for s in shards:
+        s.pop("rope.freqs", None)
+    names = set(shards[0])
+    if any(set(s) != names for s in shards):
+        raise ConversionError("model-parallel shards hold different tensor names")
+    merged = {}
+    for name in names:
+        dim = _split_dim(name)
+        parts = [s[name] for s in shards]
+        merged[name] = parts[0] if dim is None else torch.cat(parts, dim=dim)
+    dim, heads = p["dim"], p["n_heads"]
+    vocab = p.get("vocab_size", -1)
+    if vocab is None or vocab < 0:
+        vocab = merged["tok_embeddings.weight"].shape[0]
+    cfg = ModelConfig(
+        num_layers=p["n_layers"],
+        hidden_size=dim,
+        num_attention_heads=heads,
+        num_query_groups=p.get("n_kv_heads") or heads,
+        ffn_hidden_size=ffn_size(dim, p.get("multiple_of", 256), p.get("ffn_dim_multiplier")),
+        vocab_size=vocab,
+        seq_length=p.get("max_seq_len", 4096),
+        rotary_base=float(p.get("rope_theta", 10000.0)),
+        norm_epsilon=float(p.get("norm_eps", 1e-5)),
+    )
+    shapes = canonical_shapes(cfg)
+    expected = {_meta_name(k): k for k in shapes}
+    unknown = sorted(set(merged) - set(expected))
+    if unknown:
+        raise ConversionError(f"unknown tensor {unknown[0]} in {path}")
+    missing = sorted(set(expected) - set(merged))
+    if missing:
+        raise ConversionError(f"tensor {missing[0]} is missing from {path}")
+    out = {}
+    for name, key in expected.items():
+        t = merged[name]
+        if tuple(t.shape) != shapes[key]:
+            raise ConversionError(
+                f"{name}: shape {tuple(t.shape)} does not match params.json {shapes[key]}"
+            )
+        if key.endswith(".q"):
+            t = meta_to_hf_rows(t, cfg.num_attention_heads)
+        elif key.endswith(".k"):
+            t = meta_to_hf_rows(t, cfg.num_query_groups)
+        out[key] = t
+    return out, cfg
+
+
+def write_meta(weights: dict[str, torch.Tensor], cfg: ModelConfig, path: str, shards: int) -> None:
+    """Write canonical weights in Meta's format, split into ``shards`` model-parallel files."""
+    os.makedirs(path, exist_ok=True)
+    parts: list[dict[str, torch.Tensor]] = [{} for _ in range(shards)]
+    for key, t in weights.items():
+        if key.endswith(".q"):
+            t = hf_to_meta_rows(t, cfg.num_attention_heads)
+        elif key.endswith(".k"):
+            t = hf_to_meta_rows(t, cfg.num_query_groups)
+        name = _meta_name(key)
+        dim = _split_dim(name)
+        pieces = [t] * shards if dim is None else torch.chunk(t, shards, dim=dim)
+        for i, piece in enumerate(pieces):
+            parts[i][name] = piece.clone()
+    for i, part in enumerate(parts):
+        torch.save(part, os.path.join(path, f"consolidated.{i:02d}.pth"))
+    params = {
+        "dim": cfg.hidden_size,
+        "n_layers": cfg.num_layers,
+        "n_heads": cfg.num_attention_heads,
+        "n_kv_heads": cfg.num_query_groups,
+        "vocab_size": cfg.vocab_size,
+        "multiple_of": 1,
+        "norm_eps": cfg.norm_epsilon,
+        "rope_theta": cfg.rotary_base,
+        # with multiple_of 1, int(multiplier * base) must give the FFN width exactly
+        "ffn_dim_multiplier": (cfg.ffn_hidden_size + 0.5) / int(2 * (4 * cfg.hidden_size) / 3),
+    }
+    with open(os.path.join(path, "params.json"), "w") as f:
+        json.dump(params, f)

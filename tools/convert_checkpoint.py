@@ -9,11 +9,18 @@
         [--tp N --pp M]
     python tools/convert_checkpoint.py reshard --load MEGATRON_DIR --save OUT [--tp N --pp M]
 
+Conversion streams: no model is built and memory holds about one layer (plus one tensor being
+written), whatever the model size. Reading HF checks every key and shape before any output is
+written; megatron checkpoints are read one layer at a time through megatron-core's
+dist_checkpointing and written through PyTorch DCP with each chunk produced on demand.
+
 megashear's checkpoints store every tensor by its global shape (megatron-core
-dist_checkpointing), so one checkpoint loads at any TP/PP layout: ``--tp/--pp`` are checked
-against the model (heads, groups, FFN and vocab divisible by TP; layers by PP) and recorded, and
-``reshard`` rewrites a checkpoint after that check. Bad input gives a one-line error, exit code 2,
-and no partial output.
+dist_checkpointing), so one checkpoint loads at any TP/PP layout. ``--tp/--pp`` are checked
+against the model (heads, groups, FFN and vocab divisible by TP; layers by PP), the chunks on
+disk are cut the way those TP ranks hold them, and the layout is recorded; ``reshard`` rewrites
+a checkpoint for another layout. The stored dtype is the source's unless ``--dtype`` is given.
+Bad input gives a one-line error, exit code 2, and no partial output (outputs are written under
+a temporary name and renamed at the end).
 """
 
 from __future__ import annotations
@@ -39,76 +46,93 @@ def _check_layout(cfg, tp: int, pp: int) -> None:
     validate_layout(cfg, ParallelConfig(tp=tp, pp=pp), tp * pp)
 
 
-def hf_to_megatron(args) -> dict:
-    from tqdm import tqdm
-
-    from megashear.conversion.hf import read_hf
-    from megashear.conversion.megatron_layout import canonical_to_megatron
-    from megashear.training.checkpointing import save_megatron_checkpoint
-
+def _check_output(args) -> None:
     if os.path.exists(args.save) and not args.overwrite:
         raise ValueError(f"output {args.save} exists (pass --overwrite to replace it)")
-    with tqdm(total=3, desc="hf-to-megatron") as bar:
-        weights, cfg = read_hf(args.load, _dtype(args.dtype))
-        _check_layout(cfg, args.tp, args.pp)
-        bar.update()
-        state = canonical_to_megatron(weights, cfg)
-        bar.update()
-        save_megatron_checkpoint(state, cfg, args.save, overwrite=args.overwrite)
-        bar.update()
-    return {"saved": args.save, "model": cfg.to_dict(), "tp": args.tp, "pp": args.pp}
+
+
+def _write_megatron(args, cfg, get_canonical, dtype) -> dict:
+    """Stream canonical tensors into a megatron checkpoint cut for ``--tp/--pp``."""
+    from megashear.conversion.dist_stream import write_checkpoint
+    from megashear.conversion.megatron_layout import megatron_tensor
+
+    _check_output(args)
+    _check_layout(cfg, args.tp, args.pp)
+    write_checkpoint(
+        args.save,
+        cfg,
+        lambda name: megatron_tensor(name, get_canonical, cfg),
+        dtype,
+        tp=args.tp,
+        pp=args.pp,
+        overwrite=args.overwrite,
+    )
+    return {
+        "saved": args.save,
+        "model": cfg.to_dict(),
+        "tp": args.tp,
+        "pp": args.pp,
+        "dtype": str(dtype).replace("torch.", ""),
+    }
+
+
+def hf_to_megatron(args) -> dict:
+    from megashear.conversion.hf import HFReader
+
+    _check_output(args)
+
+    reader = HFReader(args.load, _dtype(args.dtype))
+    return _write_megatron(args, reader.cfg, reader, reader.dtype)
 
 
 def meta_to_megatron(args) -> dict:
-    from megashear.conversion.megatron_layout import canonical_to_megatron
-    from megashear.conversion.meta import read_meta
-    from megashear.training.checkpointing import save_megatron_checkpoint
+    from megashear.conversion.meta import MetaReader
 
-    if os.path.exists(args.save) and not args.overwrite:
-        raise ValueError(f"output {args.save} exists (pass --overwrite to replace it)")
-    weights, cfg = read_meta(args.load)
-    if args.dtype:
-        weights = {k: v.to(_dtype(args.dtype)) for k, v in weights.items()}
-    _check_layout(cfg, args.tp, args.pp)
-    save_megatron_checkpoint(canonical_to_megatron(weights, cfg), cfg, args.save, args.overwrite)
-    return {"saved": args.save, "model": cfg.to_dict(), "tp": args.tp, "pp": args.pp}
+    _check_output(args)
+
+    reader = MetaReader(args.load, _dtype(args.dtype))
+    return _write_megatron(args, reader.cfg, reader, reader.dtype)
 
 
 def megatron_to_hf(args) -> dict:
-    from tqdm import tqdm
+    from megashear.conversion.dist_stream import CheckpointReader
+    from megashear.conversion.hf import write_hf_stream
+    from megashear.conversion.megatron_layout import canonical_tensor
+    from megashear.parallel import init_distributed
 
-    from megashear.conversion.hf import write_hf
-    from megashear.conversion.megatron_layout import megatron_to_canonical
-    from megashear.training.checkpointing import load_megatron_checkpoint
-
-    if os.path.exists(args.save) and not args.overwrite:
-        raise ValueError(f"output {args.save} exists (pass --overwrite to replace it)")
-    with tqdm(total=2, desc="megatron-to-hf") as bar:
-        state, cfg = load_megatron_checkpoint(args.load)
-        bar.update()
-        write_hf(
-            megatron_to_canonical(state, cfg),
-            cfg,
-            args.save,
-            tokenizer=args.tokenizer,
-            overwrite=args.overwrite,
-            dtype=_dtype(args.dtype),
-        )
-        bar.update()
+    _check_output(args)
+    init_distributed()
+    reader = CheckpointReader(args.load, _dtype(args.dtype))
+    cfg = reader.cfg
+    write_hf_stream(
+        lambda key: canonical_tensor(key, reader, cfg),
+        cfg,
+        args.save,
+        reader.dtype,
+        tokenizer=args.tokenizer,
+        overwrite=args.overwrite,
+        progress=True,
+    )
     return {"saved": args.save, "model": cfg.to_dict()}
 
 
 def reshard(args) -> dict:
-    from megashear.training.checkpointing import (
-        load_megatron_checkpoint,
-        save_megatron_checkpoint,
-    )
+    from megashear.conversion.dist_stream import CheckpointReader, write_checkpoint
+    from megashear.parallel import init_distributed
 
-    if os.path.exists(args.save) and not args.overwrite:
-        raise ValueError(f"output {args.save} exists (pass --overwrite to replace it)")
-    state, cfg = load_megatron_checkpoint(args.load)
-    _check_layout(cfg, args.tp, args.pp)
-    save_megatron_checkpoint(state, cfg, args.save, overwrite=args.overwrite)
+    _check_output(args)
+    init_distributed()
+    reader = CheckpointReader(args.load, _dtype(args.dtype))
+    _check_layout(reader.cfg, args.tp, args.pp)
+    write_checkpoint(
+        args.save,
+        reader.cfg,
+        reader,
+        reader.dtype,
+        tp=args.tp,
+        pp=args.pp,
+        overwrite=args.overwrite,
+    )
     return {"saved": args.save, "tp": args.tp, "pp": args.pp}
 
 

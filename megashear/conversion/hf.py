@@ -14,9 +14,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 
 import torch
 
+from megashear.conversion.safetensors_io import TensorInfo, read_header, read_tensor, write_file
 from megashear.model_config import ModelConfig
 from megashear.pruning.reference_forward import canonical_shapes
 
@@ -103,51 +105,76 @@ def _weight_files(path: str) -> dict[str, str]:
         file = os.path.join(path, single)
         if os.path.isfile(file):
             if single.endswith(".safetensors"):
-                from safetensors import safe_open
-
-                with safe_open(file, "pt") as f:
-                    return {k: file for k in f.keys()}
+                return {k: file for k in read_header(file)}
             return {k: file for k in torch.load(file, map_location="meta", weights_only=True)}
     raise ConversionError(f"no model.safetensors / pytorch_model.bin (or index) in {path}")
+
+
+class HFReader:
+    """Canonical tensors of an HF LLaMA directory, read one at a time.
+
+    Construction checks everything that needs no tensor data: ``config.json``, the presence of
+    every shard, unknown and missing tensors, and every shape against the config. ``reader(key)``
+    then reads one canonical tensor (``layers.3.q`` ...) from its file. safetensors files are
+    read with plain file reads (:mod:`.safetensors_io`); ``.bin`` files are memory-mapped.
+    """
+
+    def __init__(self, path: str, dtype: torch.dtype | None = None) -> None:
+        self.path = path
+        self.cfg = config_from_hf(path)
+        files = _weight_files(path)
+        shapes = canonical_shapes(self.cfg)
+        wanted = {hf_name(k): k for k in shapes}
+        unknown = sorted(k for k in files if k not in wanted and not k.endswith(IGNORED))
+        if unknown:
+            raise ConversionError(f"unknown tensor {unknown[0]} in {path} ({len(unknown)} unknown)")
+        missing = sorted(set(wanted) - set(files))
+        if missing:
+            raise ConversionError(
+                f"tensor {missing[0]} is missing from {path} ({len(missing)} missing)"
+            )
+        self._bins: dict[str, dict[str, torch.Tensor]] = {}
+        self._infos: dict[str, TensorInfo] = {}
+        headers: dict[str, dict[str, TensorInfo]] = {}
+        dtypes = set()
+        for name, key in wanted.items():
+            file = files[name]
+            if file.endswith(".safetensors"):
+                if file not in headers:
+                    headers[file] = read_header(file)
+                if name not in headers[file]:
+                    raise ConversionError(f"tensor {name} is not in {os.path.basename(file)}")
+                info = headers[file][name]
+                self._infos[key] = info
+                shape, t_dtype = info.shape, info.dtype
+            else:
+                if file not in self._bins:
+                    self._bins[file] = torch.load(file, mmap=True, weights_only=True)
+                t = self._bins[file][name]
+                shape, t_dtype = tuple(t.shape), t.dtype
+            if tuple(shape) != shapes[key]:
+                raise ConversionError(
+                    f"{name}: shape {tuple(shape)} does not match config.json {shapes[key]}"
+                )
+            dtypes.add(t_dtype)
+        self._files = {key: files[name] for name, key in wanted.items()}
+        self.source_dtype = torch.float32 if len(dtypes) > 1 else dtypes.pop()
+        self.dtype = dtype or self.source_dtype
+
+    def __call__(self, key: str) -> torch.Tensor:
+        if key in self._infos:
+            t = read_tensor(self._infos[key])
+        else:
+            t = self._bins[self._files[key]][hf_name(key)].clone()
+        return t.to(self.dtype)
 
 
 def read_hf(
     path: str, dtype: torch.dtype | None = None
 ) -> tuple[dict[str, torch.Tensor], ModelConfig]:
     """Canonical weights and config of an HF LLaMA directory (strict keys and shapes)."""
-    cfg = config_from_hf(path)
-    files = _weight_files(path)
-    shapes = canonical_shapes(cfg)
-    wanted = {hf_name(k): k for k in shapes}
-    unknown = sorted(k for k in files if k not in wanted and not k.endswith(IGNORED))
-    if unknown:
-        raise ConversionError(f"unknown tensor {unknown[0]} in {path} ({len(unknown)} unknown)")
-    missing = sorted(set(wanted) - set(files))
-    if missing:
-        raise ConversionError(
-            f"tensor {missing[0]} is missing from {path} ({len(missing)} missing)"
-        )
-    out: dict[str, torch.Tensor] = {}
-    by_file: dict[str, list[str]] = {}
-    for name in wanted:
-        by_file.setdefault(files[name], []).append(name)
-    for file, names in by_file.items():
-        if file.endswith(".safetensors"):
-            from safetensors import safe_open
-
-            with safe_open(file, "pt") as f:
-                tensors = {n: f.get_tensor(n) for n in names}
-        else:
-            state = torch.load(file, map_location="cpu", weights_only=True)
-            tensors = {n: state[n] for n in names}
-        for name, t in tensors.items():
-            key = wanted[name]
-            if tuple(t.shape) != shapes[key]:
-                raise ConversionError(
-                    f"{name}: shape {tuple(t.shape)} does not match config.json {shapes[key]}"
-                )
-            out[key] = t.to(dtype) if dtype is not None else t
-    return out, cfg
+    reader = HFReader(path, dtype)
+    return {k: reader(k) for k in canonical_shapes(reader.cfg)}, reader.cfg
 
 
 def hf_config_dict(cfg: ModelConfig, dtype: torch.dtype) -> dict:
@@ -175,6 +202,13 @@ def hf_config_dict(cfg: ModelConfig, dtype: torch.dtype) -> dict:
     }
 
 
+def canonical_order(cfg: ModelConfig) -> list[str]:
+    """Canonical keys layer by layer, the order HF files are written in."""
+    per_layer = ["input_norm", "q", "k", "v", "o", "post_attn_norm", "gate", "up", "down"]
+    layers = [f"layers.{i}.{k}" for i in range(cfg.num_layers) for k in per_layer]
+    return ["embedding", *layers, "final_norm", "lm_head"]
+
+
 def write_hf(
     weights: dict[str, torch.Tensor],
     cfg: ModelConfig,
@@ -184,46 +218,96 @@ def write_hf(
     max_shard_bytes: int = 2 * 1024**3,
     dtype: torch.dtype | None = None,
 ) -> None:
-    """Write canonical weights as an HF LLaMA directory (atomically)."""
-    from safetensors.torch import save_file
+    """Write in-memory canonical weights as an HF LLaMA directory (see :func:`write_hf_stream`)."""
+    if set(weights) != set(canonical_shapes(cfg)):
+        raise ConversionError("weights do not match the config's tensor set")
+    out_dtype = dtype or next(iter(weights.values())).dtype
+    write_hf_stream(
+        weights.__getitem__, cfg, path, out_dtype, tokenizer, overwrite, max_shard_bytes
+    )
 
+
+def write_hf_stream(
+    get: Callable[[str], torch.Tensor],
+    cfg: ModelConfig,
+    path: str,
+    dtype: torch.dtype,
+    tokenizer: str | None = None,
+    overwrite: bool = False,
+    max_shard_bytes: int = 2 * 1024**3,
+    progress: bool = False,
+) -> None:
+    """Write an HF LLaMA directory, pulling one canonical tensor at a time from ``get``.
+
+    The safetensors shards are laid out from the shapes first and then filled tensor by
+    tensor, so memory holds one tensor. Everything goes to ``PATH.tmp-hf``, renamed at the end.
+    """
     if os.path.exists(path) and not overwrite:
         raise ConversionError(f"output {path} exists (pass --overwrite to replace it)")
     if tokenizer is not None and not os.path.isfile(tokenizer):
         raise ConversionError(f"tokenizer {tokenizer} does not exist")
     shapes = canonical_shapes(cfg)
-    if set(weights) != set(shapes):
-        raise ConversionError("weights do not match the config's tensor set")
+    item = torch.empty((), dtype=dtype).element_size()
+    shards: list[list[str]] = [[]]
+    size = 0
+    for key in canonical_order(cfg):
+        nbytes = torch.Size(shapes[key]).numel() * item
+        if size and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(key)
+        size += nbytes
     tmp = path.rstrip("/") + ".tmp-hf"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    out_dtype = dtype or next(iter(weights.values())).dtype
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for key in sorted(shapes, key=lambda k: (k.count("."), k)):
-        t = weights[key].to(out_dtype).contiguous()
-        if size and size + t.numel() * t.element_size() > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][hf_name(key)] = t
-        size += t.numel() * t.element_size()
+    try:
+        _fill_hf_dir(tmp, get, cfg, dtype, shards, tokenizer, progress)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if os.path.exists(path):
+        shutil.rmtree(path)
+    os.replace(tmp, path)
+
+
+def _fill_hf_dir(
+    tmp: str,
+    get: Callable[[str], torch.Tensor],
+    cfg: ModelConfig,
+    dtype: torch.dtype,
+    shards: list[list[str]],
+    tokenizer: str | None,
+    progress: bool,
+) -> None:
+    from tqdm import tqdm
+
+    shapes = canonical_shapes(cfg)
+    item = torch.empty((), dtype=dtype).element_size()
+    by_hf_name = {hf_name(k): k for k in shapes}
     weight_map = {}
     total = 0
-    for i, shard in enumerate(shards):
-        name = (
-            "model.safetensors"
-            if len(shards) == 1
-            else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        )
-        save_file(shard, os.path.join(tmp, name), metadata={"format": "pt"})
-        for k, t in shard.items():
-            weight_map[k] = name
-            total += t.numel() * t.element_size()
+    total_bytes = sum(torch.Size(s).numel() for s in shapes.values()) * item
+    with tqdm(
+        total=total_bytes, desc="write hf", unit="B", unit_scale=True, disable=not progress
+    ) as bar:
+        for i, keys in enumerate(shards):
+            name = (
+                "model.safetensors"
+                if len(shards) == 1
+                else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            )
+            total += write_file(
+                os.path.join(tmp, name),
+                [(hf_name(k), dtype, shapes[k]) for k in keys],
+                lambda n: get(by_hf_name[n]).to(dtype),
+                on_tensor=bar.update,
+            )
+            weight_map.update({hf_name(k): name for k in keys})
     if len(shards) > 1:
         with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
             json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
     with open(os.path.join(tmp, "config.json"), "w") as f:
-        json.dump(hf_config_dict(cfg, out_dtype), f, indent=2)
+        json.dump(hf_config_dict(cfg, dtype), f, indent=2)
     with open(os.path.join(tmp, "generation_config.json"), "w") as f:
         json.dump({"bos_token_id": 1, "eos_token_id": 2, "do_sample": False}, f, indent=2)
     if tokenizer is not None:
@@ -245,6 +329,3 @@ def write_hf(
             )
         with open(os.path.join(tmp, "special_tokens_map.json"), "w") as f:
             json.dump({"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}, f)
-    if os.path.exists(path):
-        shutil.rmtree(path)
-    os.replace(tmp, path)

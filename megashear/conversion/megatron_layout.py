@@ -28,6 +28,8 @@ order, so q and k rows are copied as they are.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from megashear.model_config import ModelConfig
@@ -70,35 +72,64 @@ def unpack_qkv(
     return q.reshape(-1, h), k.reshape(-1, h), v.reshape(-1, h)
 
 
+def megatron_tensor(
+    name: str, get: Callable[[str], torch.Tensor], cfg: ModelConfig
+) -> torch.Tensor:
+    """One full megatron-core tensor, built from the canonical tensors ``get`` returns."""
+    for ck, mk in GLOBAL_KEYS.items():
+        if name == mk:
+            return get(ck)
+    i = int(name.split(".")[2])
+    p = f"layers.{i}."
+    if name == QKV.format(i):
+        return pack_qkv(get(p + "q"), get(p + "k"), get(p + "v"), cfg)
+    if name == FC1.format(i):
+        return torch.cat([get(p + "gate"), get(p + "up")], dim=0)
+    for ck, mk in LAYER_KEYS.items():
+        if name == mk.format(i):
+            return get(p + ck)
+    raise KeyError(f"{name} is not a megatron-core LLaMA weight")
+
+
+def canonical_tensor(
+    key: str, get: Callable[[str], torch.Tensor], cfg: ModelConfig
+) -> torch.Tensor:
+    """One canonical tensor, cut from the full megatron-core tensors ``get`` returns."""
+    if key in GLOBAL_KEYS:
+        return get(GLOBAL_KEYS[key])
+    _, i, ck = key.split(".", 2)
+    if ck in LAYER_KEYS:
+        return get(LAYER_KEYS[ck].format(i))
+    if ck in ("q", "k", "v"):
+        return unpack_qkv(get(QKV.format(i)), cfg)["qkv".index(ck)]
+    if ck in ("gate", "up"):
+        return torch.chunk(get(FC1.format(i)), 2, dim=0)[("gate", "up").index(ck)]
+    raise KeyError(f"{key} is not a canonical LLaMA weight")
+
+
 def canonical_to_megatron(
     weights: dict[str, torch.Tensor], cfg: ModelConfig
 ) -> dict[str, torch.Tensor]:
     """Canonical weights -> full megatron-core state dict (strict: every key used once)."""
-    out = {mk: weights[ck] for ck, mk in GLOBAL_KEYS.items()}
-    for i in range(cfg.num_layers):
-        p = f"layers.{i}."
-        for ck, mk in LAYER_KEYS.items():
-            out[mk.format(i)] = weights[p + ck]
-        out[QKV.format(i)] = pack_qkv(weights[p + "q"], weights[p + "k"], weights[p + "v"], cfg)
-        out[FC1.format(i)] = torch.cat([weights[p + "gate"], weights[p + "up"]], dim=0)
     used = len(GLOBAL_KEYS) + cfg.num_layers * (len(LAYER_KEYS) + 5)
     if len(weights) != used:
         raise ValueError(f"canonical weights have {len(weights)} tensors, expected {used}")
-    return out
+    names = list(GLOBAL_KEYS.values()) + [
+        mk.format(i) for i in range(cfg.num_layers) for mk in (*LAYER_KEYS.values(), QKV, FC1)
+    ]
+    return {n: megatron_tensor(n, weights.__getitem__, cfg) for n in names}
 
 
 def megatron_to_canonical(
     state: dict[str, torch.Tensor], cfg: ModelConfig
 ) -> dict[str, torch.Tensor]:
     """Full megatron-core state dict -> canonical weights (strict: every key used once)."""
-    out = {ck: state[mk] for ck, mk in GLOBAL_KEYS.items()}
-    for i in range(cfg.num_layers):
-        p = f"layers.{i}."
-        for ck, mk in LAYER_KEYS.items():
-            out[p + ck] = state[mk.format(i)]
-        out[p + "q"], out[p + "k"], out[p + "v"] = unpack_qkv(state[QKV.format(i)], cfg)
-        out[p + "gate"], out[p + "up"] = torch.chunk(state[FC1.format(i)], 2, dim=0)
     used = len(GLOBAL_KEYS) + cfg.num_layers * (len(LAYER_KEYS) + 2)
     if len(state) != used:
         raise ValueError(f"megatron state dict has {len(state)} tensors, expected {used}")
-    return out
+    keys = list(GLOBAL_KEYS) + [
+        f"layers.{i}.{ck}"
+        for i in range(cfg.num_layers)
+        for ck in (*LAYER_KEYS, "q", "k", "v", "gate", "up")
+    ]
+    return {k: canonical_tensor(k, state.__getitem__, cfg) for k in keys}

@@ -78,66 +78,87 @@ def _split_dim(meta_name: str) -> int | None:
     return SPLIT_DIM.get(base)
 
 
+class MetaReader:
+    """Canonical tensors (HF rotary order) of a Meta checkpoint directory, one at a time.
+
+    The ``consolidated.NN.pth`` shards are memory-mapped; ``reader(key)`` concatenates the
+    model-parallel pieces of one tensor and applies the rotary permutation to q and k.
+    Construction checks names and merged shapes against ``params.json``.
+    """
+
+    def __init__(self, path: str, dtype: torch.dtype | None = None) -> None:
+        from megashear.conversion.hf import ConversionError
+        from megashear.pruning.reference_forward import canonical_shapes
+
+        params_path = os.path.join(path, "params.json")
+        if not os.path.isfile(params_path):
+            raise ConversionError(f"{params_path} does not exist")
+        with open(params_path) as f:
+            p = json.load(f)
+        files = sorted(glob.glob(os.path.join(path, "consolidated.*.pth")))
+        if not files:
+            raise ConversionError(f"no consolidated.NN.pth shards in {path}")
+        self.shards = [
+            torch.load(f, map_location="cpu", mmap=True, weights_only=True) for f in files
+        ]
+        for s in self.shards:
+            s.pop("rope.freqs", None)
+        names = set(self.shards[0])
+        if any(set(s) != names for s in self.shards):
+            raise ConversionError("model-parallel shards hold different tensor names")
+        dim, heads = p["dim"], p["n_heads"]
+        vocab = p.get("vocab_size", -1)
+        if vocab is None or vocab < 0:
+            vocab = self.shards[0]["tok_embeddings.weight"].shape[0]
+        self.cfg = ModelConfig(
+            num_layers=p["n_layers"],
+            hidden_size=dim,
+            num_attention_heads=heads,
+            num_query_groups=p.get("n_kv_heads") or heads,
+            ffn_hidden_size=ffn_size(dim, p.get("multiple_of", 256), p.get("ffn_dim_multiplier")),
+            vocab_size=vocab,
+            seq_length=p.get("max_seq_len", 4096),
+            rotary_base=float(p.get("rope_theta", 10000.0)),
+            norm_epsilon=float(p.get("norm_eps", 1e-5)),
+        )
+        shapes = canonical_shapes(self.cfg)
+        expected = {_meta_name(k): k for k in shapes}
+        unknown = sorted(names - set(expected))
+        if unknown:
+            raise ConversionError(f"unknown tensor {unknown[0]} in {path}")
+        missing = sorted(set(expected) - names)
+        if missing:
+            raise ConversionError(f"tensor {missing[0]} is missing from {path}")
+        for name, key in expected.items():
+            shape = list(self.shards[0][name].shape)
+            split = _split_dim(name)
+            if split is not None:
+                shape[split] = sum(s[name].shape[split] for s in self.shards)
+            if tuple(shape) != shapes[key]:
+                raise ConversionError(
+                    f"{name}: shape {tuple(shape)} does not match params.json {shapes[key]}"
+                )
+        self.source_dtype = self.shards[0]["tok_embeddings.weight"].dtype
+        self.dtype = dtype or self.source_dtype
+
+    def __call__(self, key: str) -> torch.Tensor:
+        name = _meta_name(key)
+        dim = _split_dim(name)
+        parts = [s[name] for s in self.shards]
+        t = parts[0].clone() if dim is None else torch.cat(parts, dim=dim)
+        if key.endswith(".q"):
+            t = meta_to_hf_rows(t, self.cfg.num_attention_heads)
+        elif key.endswith(".k"):
+            t = meta_to_hf_rows(t, self.cfg.num_query_groups)
+        return t.to(self.dtype)
+
+
 def read_meta(path: str) -> tuple[dict[str, torch.Tensor], ModelConfig]:
     """Canonical weights (HF rotary order) and config of a Meta checkpoint directory."""
-    from megashear.conversion.hf import ConversionError
     from megashear.pruning.reference_forward import canonical_shapes
 
-    params_path = os.path.join(path, "params.json")
-    if not os.path.isfile(params_path):
-        raise ConversionError(f"{params_path} does not exist")
-    with open(params_path) as f:
-        p = json.load(f)
-    files = sorted(glob.glob(os.path.join(path, "consolidated.*.pth")))
-    if not files:
-        raise ConversionError(f"no consolidated.NN.pth shards in {path}")
-    shards = [torch.load(f, map_location="cpu", weights_only=True) for f in files]
-    for s in shards:
-        s.pop("rope.freqs", None)
-    names = set(shards[0])
-    if any(set(s) != names for s in shards):
-        raise ConversionError("model-parallel shards hold different tensor names")
-    merged = {}
-    for name in names:
-        dim = _split_dim(name)
-        parts = [s[name] for s in shards]
-        merged[name] = parts[0] if dim is None else torch.cat(parts, dim=dim)
-    dim, heads = p["dim"], p["n_heads"]
-    vocab = p.get("vocab_size", -1)
-    if vocab is None or vocab < 0:
-        vocab = merged["tok_embeddings.weight"].shape[0]
-    cfg = ModelConfig(
-        num_layers=p["n_layers"],
-        hidden_size=dim,
-        num_attention_heads=heads,
-        num_query_groups=p.get("n_kv_heads") or heads,
-        ffn_hidden_size=ffn_size(dim, p.get("multiple_of", 256), p.get("ffn_dim_multiplier")),
-        vocab_size=vocab,
-        seq_length=p.get("max_seq_len", 4096),
-        rotary_base=float(p.get("rope_theta", 10000.0)),
-        norm_epsilon=float(p.get("norm_eps", 1e-5)),
-    )
-    shapes = canonical_shapes(cfg)
-    expected = {_meta_name(k): k for k in shapes}
-    unknown = sorted(set(merged) - set(expected))
-    if unknown:
-        raise ConversionError(f"unknown tensor {unknown[0]} in {path}")
-    missing = sorted(set(expected) - set(merged))
-    if missing:
-        raise ConversionError(f"tensor {missing[0]} is missing from {path}")
-    out = {}
-    for name, key in expected.items():
-        t = merged[name]
-        if tuple(t.shape) != shapes[key]:
-            raise ConversionError(
-                f"{name}: shape {tuple(t.shape)} does not match params.json {shapes[key]}"
-            )
-        if key.endswith(".q"):
-            t = meta_to_hf_rows(t, cfg.num_attention_heads)
-        elif key.endswith(".k"):
-            t = meta_to_hf_rows(t, cfg.num_query_groups)
-        out[key] = t
-    return out, cfg
+    reader = MetaReader(path)
+    return {k: reader(k) for k in canonical_shapes(reader.cfg)}, reader.cfg
 
 
 def write_meta(weights: dict[str, torch.Tensor], cfg: ModelConfig, path: str, shards: int) -> None:

@@ -98,7 +98,45 @@ def runs(tmp_path_factory):
             d / "c",
         )
     )
+    out["final_dirs"] = final
     return out
+
+
+@pytest.mark.parametrize("model", list(MODELS))
+def test_finalized_export_loads_in_transformers_with_equal_logits(runs, model, tmp_path):
+    """The finalised (pruned) checkpoint -> HF via the converter; transformers loads it with
+    ``from_pretrained`` alone, and its logits equal the megatron model's."""
+    from transformers import LlamaForCausalLM
+
+    from megashear.training.batches import SyntheticBatches
+
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONWARNINGS="ignore")
+    proc = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(os.path.dirname(__file__), "..", "tools", "convert_checkpoint.py"),
+            "megatron-to-hf",
+            "--load",
+            runs["final_dirs"][model],
+            "--save",
+            str(tmp_path / "hf"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    hf, info = LlamaForCausalLM.from_pretrained(tmp_path / "hf", output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys"))
+    cfg = ModelConfig.from_dict(runs["finalized"][model]["model"])
+    assert hf.config.num_key_value_heads == cfg.num_query_groups
+    tokens = SyntheticBatches(cfg.vocab_size, cfg.seq_length, 5).next_global_batch(4)["tokens"]
+    with torch.no_grad():
+        theirs = hf.eval()(input_ids=tokens).logits
+    torch.testing.assert_close(
+        theirs, runs[f"final_{model}_tp1pp1"]["logits"], rtol=1e-5, atol=1e-5
+    )
 
 
 @pytest.mark.parametrize("model", list(MODELS))

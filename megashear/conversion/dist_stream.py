@@ -372,7 +372,9 @@ class CheckpointReader:
         loaded = dist_checkpointing.load(request, self.dir, validate_access_integrity=False)
         self._layer = layer
         self._tensors = {
-            k: (v if layer is None else v[0]).to(self.dtype) for k, v in loaded.items()
+            # a training checkpoint also returns its common state (iteration, scheduler, ...)
+            k: (loaded[k] if layer is None else loaded[k][0]).to(self.dtype)
+            for k in request
         }
 
     def __call__(self, name: str) -> torch.Tensor:

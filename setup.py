@@ -26,8 +26,13 @@ setup(
         "gpu": ["transformer-engine[pytorch]>=2.0", "flash-attn>=2.6"],
         "hf": ["transformers>=4.45"],
         "logging": ["tensorboard>=2.15", "matplotlib>=3.8"],
-        "dev": ["pytest>=8", "ruff>=0.6", "transformers>=4.45", "tensorboard>=2.15",
-                "matplotlib>=3.8"],
+        "dev": [
+            "pytest>=8",
+            "ruff>=0.6",
+            "transformers>=4.45",
+            "tensorboard>=2.15",
+            "matplotlib>=3.8",
+        ],
     },
     entry_points={"console_scripts": ["megashear=megashear.cli:main"]},
 )

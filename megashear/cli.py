@@ -105,11 +105,16 @@ def make_dynamic_loading(cfg: RunConfig, trainer, log):
     """Dynamic batch loading for a manifest-driven run (None otherwise)."""
     if not cfg.data.manifest:
         return None
-    from megashear.data.loader import validation_batches
+    from megashear.data.loader import data_cache_dir, validation_batches
     from megashear.training.dynamic_loading import DynamicBatchLoading
 
     manifest = trainer.batches.manifest
-    valid = validation_batches(manifest, cfg.model.seq_length, cfg.data.eval_sequences_per_domain)
+    valid = validation_batches(
+        manifest,
+        cfg.model.seq_length,
+        cfg.data.eval_sequences_per_domain,
+        data_cache_dir(cfg),
+    )
     return DynamicBatchLoading(
         trainer.batches,
         valid,
@@ -144,6 +149,9 @@ def run_training(trainer, cfg: RunConfig, log, kind: str = "train") -> list[dict
         return trainer.train(callback=on_step)
     finally:
         bar.close()
+        close = getattr(trainer.batches, "close", None)  # stop DataLoader workers, if any
+        if close is not None:
+            close()
 
 
 def cmd_train(cfg: RunConfig) -> None:
@@ -231,7 +239,7 @@ def cmd_finalize(cfg: RunConfig) -> None:
 def cmd_evaluate(cfg: RunConfig) -> None:
     """Per-domain validation loss of a checkpoint (a pruning one under its deterministic
     masks) as JSON; with ``data.write_reference`` also into the manifest (source reference)."""
-    from megashear.data.loader import check_vocab, validation_batches
+    from megashear.data.loader import check_vocab, data_cache_dir, validation_batches
     from megashear.data.manifest import load_manifest, save_manifest
     from megashear.training.checkpointing import load_model_weights, read_meta, resolve
     from megashear.training.trainer import Trainer
@@ -254,7 +262,12 @@ def cmd_evaluate(cfg: RunConfig) -> None:
     load_model_weights(trainer.model, cfg.model, cfg.checkpoint.load)
     from megashear.training.dynamic_loading import domain_losses
 
-    valid = validation_batches(manifest, cfg.model.seq_length, cfg.data.eval_sequences_per_domain)
+    valid = validation_batches(
+        manifest,
+        cfg.model.seq_length,
+        cfg.data.eval_sequences_per_domain,
+        data_cache_dir(cfg),
+    )
     losses = domain_losses(trainer, valid)
     if _is_rank0():
         print(json.dumps(losses))

@@ -90,6 +90,8 @@ class DataConfig:
     eval_sequences_per_domain: int = 16
     write_reference: bool = False  # evaluate: store the losses as the manifest's references
     seed: int = 1234
+    num_workers: int = 0  # DataLoader processes that fetch samples (picks stay in the trainer)
+    cache_dir: str = ""  # GPTDataset index cache; "" = {logging.dir}/index_cache
 
 
 @dataclass

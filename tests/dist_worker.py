@@ -38,13 +38,14 @@ def run_dynamic_loading(job: dict) -> dict:
     cfg = dataclasses.replace(get_preset(job["model"]), vocab_size=manifest.vocab_size)
     par = ParallelConfig(tp=job.get("tp", 1), pp=job.get("pp", 1))
     train = TrainConfig(micro_batch_size=2, global_batch_size=8, train_iters=job["steps"])
-    batches = DomainBatches(manifest, cfg.seq_length, seed=5)
+    cache = job["manifest"] + ".index_cache"  # every rank races to publish it: must be safe
+    batches = DomainBatches(manifest, cfg.seq_length, seed=5, cache_dir=cache)
     trainer = Trainer(cfg, par, train, batches)
     if job.get("save_init"):
         checkpointing.save_model_checkpoint(trainer.model, cfg, job["save_init"])
     if job.get("init"):
         checkpointing.load_model_weights(trainer.model, cfg, job["init"])
-    valid = validation_batches(manifest, cfg.seq_length, 4)
+    valid = validation_batches(manifest, cfg.seq_length, 4, cache)
     dbl = DynamicBatchLoading(batches, valid, job["reference"], "paper", interval=2)
     updates = []
     while trainer.iteration < job["steps"]:

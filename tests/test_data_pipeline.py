@@ -23,7 +23,7 @@ CORPUS = ROOT.parent / "shared" / "corpus"
 def test_domain_frequencies_follow_the_weights():
     w = [0.5, 0.3, 0.15, 0.05]
     s = DynamicDomainSampler([1000, 1000, 1000, 1000], w, seed=3)
-    picks = [d for _ in range(40) for d, _ in s.next_global_batch(256)]
+    picks = np.concatenate([s.next_global_batch(256).domain for _ in range(40)])
     counts = np.bincount(picks, minlength=4)
     n = len(picks)
     expected = np.array(w) * n
@@ -52,7 +52,7 @@ def run_sampler(steps, change_at, resume_at=None):
             state = json.loads(json.dumps(s.state_dict()))
             s = DynamicDomainSampler([7, 50, 30], [1, 1, 1], seed=11)
             s.load_state_dict(state)
-        out.append(s.next_global_batch(8))
+        out.append(s.next_global_batch(8).tolist())
     return out, s
 
 
@@ -66,7 +66,7 @@ def test_resume_is_exact_across_weight_change_and_epoch_boundary():
 
 def test_epochs_are_fresh_permutations():
     s = DynamicDomainSampler([5], [1.0], seed=0)
-    picks = [j for _ in range(3) for _, j in s.next_global_batch(5)]
+    picks = [j for _ in range(3) for _, j in s.next_global_batch(5).tolist()]
     for e in range(3):
         assert sorted(picks[5 * e : 5 * e + 5]) == list(range(5))
     assert picks[:5] != picks[5:10] or picks[5:10] != picks[10:15]
@@ -240,13 +240,13 @@ def test_domain_batches_carry_domain_ids(small_data):
 
     d, _, _ = small_data
     m = load_manifest(str(d / "out" / "manifest.yaml"))
-    src = DomainBatches(m, seq_length=8, seed=1)
+    src = DomainBatches(m, seq_length=8, seed=1, cache_dir=str(d / "cache"))
     batch = src.next_global_batch(6)
     assert batch["tokens"].shape == (6, 8) and batch["domain_id"].shape == (6,)
     assert (batch["labels"][:, :-1] == batch["tokens"][:, 1:]).all()
     state = src.state_dict()
     nxt = src.next_global_batch(6)
-    src2 = DomainBatches(m, seq_length=8, seed=1)
+    src2 = DomainBatches(m, seq_length=8, seed=1, cache_dir=str(d / "cache"))
     src2.load_state_dict(state)
     assert (src2.next_global_batch(6)["tokens"] == nxt["tokens"]).all()
     save_manifest(m, str(d / "copy.yaml"))
@@ -286,3 +286,192 @@ def test_scaling_fit_recovers_a_known_law_and_needs_three_points(tmp_path):
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     assert out["cc"] > 1.7520 and out["github"] > 0.6216
+
+
+def _splitmix_reference(seed: int, i: int) -> float:
+    """keyed_uniform's definition in plain Python integers (no numpy wrap-around)."""
+    m = (1 << 64) - 1
+
+    def mix(x):
+        x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & m
+        x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & m
+        return x ^ (x >> 31)
+
+    key = mix((seed ^ 0x5DEECE66D1F0C3A7) & m)
+    return (mix((key + (i + 1) * 0x9E3779B97F4A7C15) & m) >> 11) / 2.0**53
+
+
+def test_keyed_uniform_is_a_pure_function_of_seed_and_index():
+    from megashear.data.sampler import keyed_uniform
+
+    u = keyed_uniform(7, 0, 50_000)
+    assert u.dtype == np.float64 and 0.0 <= u.min() and u.max() < 1.0
+    np.testing.assert_array_equal(keyed_uniform(7, 1234, 10), u[1234:1244])  # any range alone
+    for i in (0, 1, 49_999):
+        assert u[i] == _splitmix_reference(7, i)
+    assert keyed_uniform(-3, 2**40, 1)[0] == _splitmix_reference(-3, 2**40)
+    assert not np.array_equal(keyed_uniform(8, 0, 100), u[:100])
+    hist = np.bincount((u * 10).astype(int), minlength=10)
+    assert hist.min() > 4700 and hist.max() < 5300  # flat: 5000 expected per tenth
+
+
+def test_zero_weight_domains_are_never_drawn():
+    s = DynamicDomainSampler([10, 10, 10], [0.5, 0.5, 0.0], seed=2)
+    s.set_weights([0.0, 1 / 3, 2 / 3])
+    assert 0 not in s.next_global_batch(5000).domain
+
+
+def test_gpt_domain_samples_are_windows_of_the_document_stream(small_data, tmp_path):
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    from megashear.data.domain_dataset import build_domain_dataset
+
+    d, _, _ = small_data
+    m = load_manifest(str(d / "out" / "manifest.yaml"))
+    prefix, s = m.domains[0].train_prefix, 8
+    ds = build_domain_dataset(prefix, s, seed=4, cache_root=str(tmp_path))
+    indexed = IndexedDataset(prefix)
+    # one epoch: every document exactly once, as many windows as the tokens allow
+    assert sorted(ds.document_index.tolist()) == list(range(len(indexed)))
+    total = int(indexed.sequence_lengths.sum())
+    assert len(ds) == (total - 1) // s
+    # sample k is window shuffle_index[k] of the documents concatenated in megatron's order
+    stream = np.concatenate([indexed[int(doc)] for doc in ds.document_index])
+    assert sorted(stream.tolist()) == sorted(token_stream_of(prefix).tolist())
+    seen = set()
+    for k in range(len(ds)):
+        item, j = ds[k], int(ds.shuffle_index[k])
+        window = np.append(item["tokens"].numpy(), item["labels"][-1].item())
+        np.testing.assert_array_equal(window, stream[j * s : j * s + s + 1])
+        assert (item["labels"][:-1] == item["tokens"][1:]).all() and (item["loss_mask"] == 1).all()
+        seen.add(j)
+    assert seen == set(range(len(ds)))
+    # the cached indices (second build loads them) give the same samples
+    again = build_domain_dataset(prefix, s, seed=4, cache_root=str(tmp_path))
+    assert len(list(tmp_path.iterdir())) == 1
+    for k in (0, len(ds) - 1):
+        assert (again[k]["tokens"] == ds[k]["tokens"]).all()
+
+
+def token_stream_of(prefix):
+    from megashear.data.loader import token_stream
+
+    return token_stream(prefix)
+
+
+def _batches(m, cache, workers, steps=10, change_at=3, resume_at=None, sizes=None):
+    from megashear.data.loader import DomainBatches
+
+    src = DomainBatches(m, seq_length=8, seed=1, cache_dir=cache, num_workers=workers)
+    out, stats = [], []
+    for step in range(steps):
+        if step == change_at:
+            src.sampler.set_weights([0.9, 0.1])
+        if step == resume_at:
+            state = json.loads(json.dumps(src.state_dict()))
+            stats.append(src.lookahead)
+            src.close()
+            src = DomainBatches(m, seq_length=8, seed=1, cache_dir=cache, num_workers=workers)
+            src.load_state_dict(state)
+        out.append(src.next_global_batch(sizes[step] if sizes else 6))
+    stats.append(src.lookahead)
+    src.close()
+    return out, stats
+
+
+def test_dataloader_workers_give_the_same_batches_across_weight_change_and_resume(small_data):
+    d, _, _ = small_data
+    m = load_manifest(str(d / "out" / "manifest.yaml"))
+    cache = str(d / "cache")
+    sizes = [6, 6, 6, 6, 4, 4, 6, 6, 6, 6]  # a batch-size change also drops the lookahead
+    ref, _ = _batches(m, cache, 0, sizes=sizes)
+    assert {int(x) for b in ref for x in b["domain_id"]} == {0, 1}
+    for resume_at in (None, 5):
+        got, stats = _batches(m, cache, 2, resume_at=resume_at, sizes=sizes)
+        for r, g in zip(ref, got):
+            assert set(g) == {"tokens", "labels", "loss_mask", "domain_id"}
+            for k in r:
+                assert torch_equal(r[k], g[k]), k
+        # the lookahead was used on steady steps, and dropped after the weight change (step 3)
+        # and the batch-size changes (steps 4 and 6)
+        assert sum(s["used"] for s in stats) >= 4
+        assert sum(s["dropped"] for s in stats) == 3
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return a.dtype == b.dtype and a.shape == b.shape and bool(torch.equal(a, b))
+
+
+def test_validation_batches_are_fixed_and_short_domains_are_refused(small_data, tmp_path):
+    from megashear.data.loader import DomainBatches, validation_batches
+
+    d, _, _ = small_data
+    m = load_manifest(str(d / "out" / "manifest.yaml"))
+    first = validation_batches(m, 8, 4, str(tmp_path / "a"))
+    cached = validation_batches(m, 8, 4, str(tmp_path / "a"))
+    fresh = validation_batches(m, 8, 100, str(tmp_path / "b"))
+    for name in m.names:
+        assert first[name]["tokens"].shape == (4, 8)
+        assert fresh[name]["tokens"].shape == (6, 8)  # all (50 - 1) // 8 windows
+        for k in first[name]:
+            assert torch_equal(first[name][k], cached[name][k])
+            assert torch_equal(first[name][k], fresh[name][k][:4])
+        valid = token_stream_of(m.domains[m.names.index(name)].valid_prefix).tolist()
+        assert all(t in valid for t in first[name]["tokens"].view(-1).tolist())
+    with pytest.raises(ValueError, match="domain alpha has 50 validation tokens, fewer than"):
+        validation_batches(m, 64, 4, str(tmp_path / "c"))
+    with pytest.raises(ValueError, match="num_workers must be >= 0"):
+        DomainBatches(m, 8, num_workers=-1)
+
+
+def test_training_with_dataloader_workers_matches_in_process_fetching(small_data, tmp_path):
+    """``megashear train --data.num_workers=2`` trains on exactly the batches of 0 workers,
+    across dynamic-loading weight updates (every 2 steps, with reference losses set low so that
+    the weights move)."""
+    import os
+
+    d, _, _ = small_data
+    m = load_manifest(str(d / "out" / "manifest.yaml"))
+    m.set_reference_losses({name: 0.5 for name in m.names})
+    manifest = tmp_path / "manifest.yaml"
+    save_manifest(m, str(manifest))
+    env = dict(os.environ, PYTHONWARNINGS="ignore", CUDA_VISIBLE_DEVICES="")
+    runs = {}
+    for workers in (0, 2):
+        out = tmp_path / f"w{workers}"
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "megashear.cli",
+                "train",
+                "--model_preset=tiny-gqa",
+                f"--model.vocab_size={m.vocab_size}",
+                "--model.seq_length=8",
+                f"--data.manifest={manifest}",
+                f"--data.num_workers={workers}",
+                "--data.update_interval=2",
+                "--data.eval_sequences_per_domain=2",
+                "--data.eta=5.0",
+                "--train.micro_batch_size=2",
+                "--train.global_batch_size=4",
+                "--train.train_iters=6",
+                f"--logging.dir={out}",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=env,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        events = [json.loads(x) for x in (out / "events.jsonl").read_text().splitlines()]
+        runs[workers] = (
+            [e["loss"] for e in events if e["kind"] == "train"],
+            [e["weights"] for e in events if e["kind"] == "domain_update"],
+        )
+    losses, updates = runs[0]
+    assert len(losses) == 6 and len(updates) == 3
+    assert updates[0] != updates[-1]  # the weights moved, so later batches follow new weights
+    assert runs[2] == runs[0]

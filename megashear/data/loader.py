@@ -1,64 +1,144 @@
-"""Per-domain token datasets and the global-batch source of dynamic batch loading.
+"""Per-domain GPTDatasets and the global-batch source of dynamic batch loading.
 
-A domain's indexed dataset (``PREFIX.bin``/``.idx`` from ``tools/preprocess_data.py``) is one
-stream of token ids (documents with EOS appended, in order). Its samples are the windows
-``[j·s, j·s + s + 1)`` of that stream; a sample gives ``tokens``/``labels``/``loss_mask`` of
-``[s]``. :class:`DomainBatches` draws global batches ``[B, s]`` through a
-:class:`DynamicDomainSampler` and adds ``domain_id [B]``.
+Each domain's training data is a megatron-core ``GPTDataset`` over its own indexed dataset
+(:mod:`megashear.data.domain_dataset`): one epoch, windows of ``s + 1`` tokens, each sample
+``tokens``/``labels``/``loss_mask`` of ``[s]``. :class:`DomainBatches` draws global batches
+``[B, s]`` through a :class:`~megashear.data.sampler.DynamicDomainSampler` (which starts a new
+shuffled pass over a domain's samples when it runs out) and adds ``domain_id [B]``.
 
-Validation: the first ``n`` windows of each domain's validation stream, fixed for the run.
+Validation: per domain, the first ``n`` samples of a GPTDataset over its validation prefix with a
+fixed seed (:data:`VALID_SEED`, not the run's seed), so the set depends only on the data,
+``seq_length`` and ``n`` and is the same for train, prune and evaluate. megatron's GPTDataset
+always shuffles (documents, then samples), so these are a seeded random choice of validation
+windows rather than the first windows of the stream.
 """
 
 from __future__ import annotations
 
+import logging
+import os
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
+from megashear.data.domain_dataset import SAMPLE_KEYS, build_domain_dataset, fetch_samples
 from megashear.data.manifest import Manifest, load_manifest
-from megashear.data.sampler import DynamicDomainSampler
-from megashear.training.batches import pack_windows
+from megashear.data.sampler import DynamicDomainSampler, Picks
+
+logger = logging.getLogger(__name__)
+
+VALID_SEED = 1234
 
 
 def token_stream(prefix: str) -> np.ndarray:
-    """The whole token stream of an indexed dataset, memory-mapped (no copy)."""
+    """The whole token stream of an indexed dataset ``[n_tokens]``, memory-mapped (no copy)."""
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     ds = IndexedDataset(prefix)
     return np.memmap(prefix + ".bin", dtype=ds.index.dtype, mode="r")
 
 
-class DomainWindows:
-    """Fixed-length windows over one token stream."""
+@dataclass
+class _Ahead:
+    """A global batch picked ahead and being fetched: valid only while the sampler's state is
+    still ``before`` (then the sampler moves to ``after``)."""
 
-    def __init__(self, stream: np.ndarray, seq_length: int) -> None:
-        self.stream, self.seq_length = stream, seq_length
-        self.size = max(0, (len(stream) - 1) // seq_length)
-
-    def window(self, j: int) -> np.ndarray:
-        s = self.seq_length
-        return np.asarray(self.stream[j * s : j * s + s + 1], dtype=np.int64)
+    size: int
+    before: dict
+    after: dict
+    picks: Picks
 
 
 class DomainBatches:
-    """A :class:`~megashear.training.batches.BatchSource` over several domains."""
+    """A :class:`~megashear.training.batches.BatchSource` over several domains.
 
-    def __init__(self, manifest: Manifest, seq_length: int, seed: int = 0) -> None:
+    Args:
+        manifest: the domains (train prefixes and initial weights).
+        seq_length: ``s``.
+        seed: the sampler's seed and the GPTDatasets' shuffle seed.
+        cache_dir: where the GPTDataset index files are cached (default: a temp folder).
+        num_workers: DataLoader worker processes that fetch samples (0: fetch in this process).
+        datasets: prebuilt per-domain datasets in manifest order (e.g. GPTDatasets with
+            ``num_samples``); default: one-epoch GPTDatasets over the manifest's train prefixes.
+
+    With ``num_workers > 0``, the picks (which domain, which sample) are still made here, in the
+    main process, and the workers only read samples. One global batch is fetched ahead: right
+    after batch ``t`` is returned, batch ``t + 1`` is picked provisionally from the sampler's
+    state at that moment and handed to the workers, and the sampler is put back. When batch
+    ``t + 1`` is requested, the provisional picks are used only if the sampler's state is still
+    the one they were made from; after ``sampler.set_weights`` (a dynamic-loading update) or
+    ``load_state_dict`` they are dropped and batch ``t + 1`` is picked again under the new state.
+    So at most one batch is ever in flight and no batch drawn under stale weights reaches
+    training; the batches, and ``state_dict()`` (always the state after the last *returned*
+    batch), are exactly those of ``num_workers=0``.
+    """
+
+    def __init__(
+        self,
+        manifest: Manifest,
+        seq_length: int,
+        seed: int = 0,
+        cache_dir: str | None = None,
+        num_workers: int = 0,
+        datasets: list | None = None,
+    ) -> None:
+        if num_workers < 0:
+            raise ValueError(f"data.num_workers must be >= 0, got {num_workers}")
+        if datasets is not None and len(datasets) != len(manifest.domains):
+            raise ValueError(f"{len(datasets)} datasets for {len(manifest.domains)} domains")
         self.manifest = manifest
         self.names = manifest.names
-        self.domains = [
-            DomainWindows(token_stream(d.train_prefix), seq_length) for d in manifest.domains
-        ]
-        for name, dom in zip(self.names, self.domains):
-            if dom.size < 1:
-                raise ValueError(f"domain {name} has fewer than {seq_length + 1} training tokens")
+        if datasets is None:
+            datasets = [
+                build_domain_dataset(
+                    d.train_prefix,
+                    seq_length,
+                    seed,
+                    "train",
+                    cache_dir,
+                    vocab_size=manifest.vocab_size,
+                    name=d.name,
+                )
+                for d in manifest.domains
+            ]
+        self.domains = datasets
         self.sampler = DynamicDomainSampler(
-            [d.size for d in self.domains], manifest.weights(), seed
+            [len(d) for d in self.domains], manifest.weights(), seed
         )
+        self.num_workers = num_workers
+        self._workers = None
+        self._ahead: _Ahead | None = None
+        self.lookahead = {"used": 0, "dropped": 0}  # provisional batches used / picked again
 
     def next_global_batch(self, global_batch_size: int) -> dict[str, torch.Tensor]:
+        """``tokens``/``labels``/``loss_mask`` ``[B, s]`` and ``domain_id [B]``."""
+        if global_batch_size < 1:
+            raise ValueError(f"global batch size must be >= 1, got {global_batch_size}")
+        if self.num_workers == 0:
+            picks = self.sampler.next_global_batch(global_batch_size)
+            return fetch_samples(self.domains, picks.domain, picks.index)
+        if self._workers is None:
+            from megashear.data.workers import WorkerFetch
+
+            self._workers = WorkerFetch(self.domains, self.num_workers)
+        ahead, self._ahead = self._ahead, None
+        if (
+            ahead is not None
+            and ahead.size == global_batch_size
+            and ahead.before == self.sampler.state_dict()
+        ):
+            self.sampler.load_state_dict(ahead.after)
+            self.lookahead["used"] += 1
+        else:
+            self.lookahead["dropped"] += int(ahead is not None)
+            self._workers.submit(self.sampler.next_global_batch(global_batch_size))
+        batch = self._workers.collect()
+        before = self.sampler.state_dict()
         picks = self.sampler.next_global_batch(global_batch_size)
-        batch = pack_windows(np.stack([self.domains[d].window(j) for d, j in picks]))
-        batch["domain_id"] = torch.tensor([d for d, _ in picks], dtype=torch.long)
+        self._ahead = _Ahead(global_batch_size, before, self.sampler.state_dict(), picks)
+        self.sampler.load_state_dict(before)
+        self._workers.submit(picks)
         return batch
 
     def state_dict(self) -> dict:
@@ -67,18 +147,32 @@ class DomainBatches:
     def load_state_dict(self, state: dict) -> None:
         self.sampler.load_state_dict(state["sampler"])
 
+    def close(self) -> None:
+        """Stop the DataLoader workers (if any)."""
+        if self._workers is not None:
+            self._workers.close()
+        self._workers, self._ahead = None, None
+
 
 def validation_batches(
-    manifest: Manifest, seq_length: int, sequences: int
+    manifest: Manifest, seq_length: int, sequences: int, cache_dir: str | None = None
 ) -> dict[str, dict[str, torch.Tensor]]:
-    """Per domain, a fixed batch of its first ``sequences`` validation windows ``[n, s]``."""
+    """Per domain, a fixed batch of its first ``sequences`` validation samples ``[n, s]``
+    (fewer if the domain has fewer)."""
     out = {}
     for d in manifest.domains:
-        windows = DomainWindows(token_stream(d.valid_prefix), seq_length)
-        n = min(sequences, windows.size)
-        if n < 1:
-            raise ValueError(f"domain {d.name} has fewer than {seq_length + 1} validation tokens")
-        out[d.name] = pack_windows(np.stack([windows.window(j) for j in range(n)]))
+        ds = build_domain_dataset(
+            d.valid_prefix,
+            seq_length,
+            VALID_SEED,
+            "valid",
+            cache_dir,
+            vocab_size=manifest.vocab_size,
+            name=d.name,
+        )
+        n = min(sequences, len(ds))
+        items = [ds[j] for j in range(n)]
+        out[d.name] = {k: torch.stack([it[k] for it in items]) for k in SAMPLE_KEYS}
     return out
 
 
@@ -91,8 +185,19 @@ def check_vocab(manifest: Manifest, vocab_size: int) -> None:
         )
 
 
+def data_cache_dir(cfg) -> str:
+    """``data.cache_dir``, or ``{logging.dir}/index_cache`` when empty."""
+    return cfg.data.cache_dir or os.path.join(cfg.logging.dir, "index_cache")
+
+
 def manifest_batches(cfg) -> DomainBatches:
     """The training source of a RunConfig with ``data.manifest``."""
     manifest = load_manifest(cfg.data.manifest)
     check_vocab(manifest, cfg.model.vocab_size)
-    return DomainBatches(manifest, cfg.model.seq_length, cfg.data.seed)
+    return DomainBatches(
+        manifest,
+        cfg.model.seq_length,
+        cfg.data.seed,
+        cache_dir=data_cache_dir(cfg),
+        num_workers=cfg.data.num_workers,
+    )

@@ -18,6 +18,19 @@ DIST_WORKER = HERE / "dist_worker.py"
 PRUNE_WORKER = HERE / "prune_worker.py"
 
 
+def megashear_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """``python -m megashear.cli ARGS`` on CPU in a subprocess; the completed process (text
+    stdout/stderr captured), whatever its exit code."""
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONWARNINGS="ignore")
+    return subprocess.run(
+        [sys.executable, "-m", "megashear.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
+
+
 def torchrun(
     nproc: int, plan: list[dict], workdir: Path, worker: Path = DIST_WORKER, timeout: float = 900
 ) -> dict:

@@ -12,9 +12,11 @@ import numpy as np
 import pytest
 
 from megashear.data import update_rules
+from megashear.data.loader import token_stream
 from megashear.data.manifest import Domain, Manifest, load_manifest, save_manifest
 from megashear.data.sampler import DynamicDomainSampler
 from megashear.training.batches import split_for_rank
+from tests.launch import megashear_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ROOT.parent / "shared" / "corpus"
@@ -167,8 +169,6 @@ def small_data(tmp_path_factory):
 
 def test_preprocessing_round_trip(small_data):
     import sentencepiece as spm
-
-    from megashear.data.loader import token_stream
 
     d, docs, out = small_data
     assert out.returncode == 0, out.stderr
@@ -337,7 +337,7 @@ def test_gpt_domain_samples_are_windows_of_the_document_stream(small_data, tmp_p
     assert len(ds) == (total - 1) // s
     # sample k is window shuffle_index[k] of the documents concatenated in megatron's order
     stream = np.concatenate([indexed[int(doc)] for doc in ds.document_index])
-    assert sorted(stream.tolist()) == sorted(token_stream_of(prefix).tolist())
+    assert sorted(stream.tolist()) == sorted(token_stream(prefix).tolist())
     seen = set()
     for k in range(len(ds)):
         item, j = ds[k], int(ds.shuffle_index[k])
@@ -351,12 +351,6 @@ def test_gpt_domain_samples_are_windows_of_the_document_stream(small_data, tmp_p
     assert len(list(tmp_path.iterdir())) == 1
     for k in (0, len(ds) - 1):
         assert (again[k]["tokens"] == ds[k]["tokens"]).all()
-
-
-def token_stream_of(prefix):
-    from megashear.data.loader import token_stream
-
-    return token_stream(prefix)
 
 
 def _batches(m, cache, workers, steps=10, change_at=3, resume_at=None, sizes=None):
@@ -418,7 +412,7 @@ def test_validation_batches_are_fixed_and_short_domains_are_refused(small_data, 
         for k in first[name]:
             assert torch_equal(first[name][k], cached[name][k])
             assert torch_equal(first[name][k], fresh[name][k][:4])
-        valid = token_stream_of(m.domains[m.names.index(name)].valid_prefix).tolist()
+        valid = token_stream(m.domains[m.names.index(name)].valid_prefix).tolist()
         assert all(t in valid for t in first[name]["tokens"].view(-1).tolist())
     with pytest.raises(ValueError, match="domain alpha has 50 validation tokens, fewer than"):
         validation_batches(m, 64, 4, str(tmp_path / "c"))
@@ -430,40 +424,28 @@ def test_training_with_dataloader_workers_matches_in_process_fetching(small_data
     """``megashear train --data.num_workers=2`` trains on exactly the batches of 0 workers,
     across dynamic-loading weight updates (every 2 steps, with reference losses set low so that
     the weights move)."""
-    import os
-
     d, _, _ = small_data
     m = load_manifest(str(d / "out" / "manifest.yaml"))
     m.set_reference_losses({name: 0.5 for name in m.names})
     manifest = tmp_path / "manifest.yaml"
     save_manifest(m, str(manifest))
-    env = dict(os.environ, PYTHONWARNINGS="ignore", CUDA_VISIBLE_DEVICES="")
     runs = {}
     for workers in (0, 2):
         out = tmp_path / f"w{workers}"
-        proc = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "megashear.cli",
-                "train",
-                "--model_preset=tiny-gqa",
-                f"--model.vocab_size={m.vocab_size}",
-                "--model.seq_length=8",
-                f"--data.manifest={manifest}",
-                f"--data.num_workers={workers}",
-                "--data.update_interval=2",
-                "--data.eval_sequences_per_domain=2",
-                "--data.eta=5.0",
-                "--train.micro_batch_size=2",
-                "--train.global_batch_size=4",
-                "--train.train_iters=6",
-                f"--logging.dir={out}",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=300,
-            env=env,
+        proc = megashear_cli(
+            "train",
+            "--model_preset=tiny-gqa",
+            f"--model.vocab_size={m.vocab_size}",
+            "--model.seq_length=8",
+            f"--data.manifest={manifest}",
+            f"--data.num_workers={workers}",
+            "--data.update_interval=2",
+            "--data.eval_sequences_per_domain=2",
+            "--data.eta=5.0",
+            "--train.micro_batch_size=2",
+            "--train.global_batch_size=4",
+            "--train.train_iters=6",
+            f"--logging.dir={out}",
         )
         assert proc.returncode == 0, proc.stderr[-3000:]
         events = [json.loads(x) for x in (out / "events.jsonl").read_text().splitlines()]

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from megashear.model_config import ModelConfig
+from tests.launch import megashear_cli
 from tests.launch import prune_torchrun as torchrun
 from tests.test_masked_model import GQA_TARGET, MHA_TARGET
 
@@ -27,21 +28,7 @@ MODELS = {
 
 
 def finalize(load: str, save: str) -> dict:
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONWARNINGS="ignore")
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "megashear.cli",
-            "finalize",
-            f"--checkpoint.load={load}",
-            f"--checkpoint.save={save}",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-    )
+    proc = megashear_cli("finalize", f"--checkpoint.load={load}", f"--checkpoint.save={save}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 

@@ -163,10 +163,16 @@ def build_domain_dataset(
     return ds
 
 
+def stack_samples(items: list[dict]) -> dict[str, torch.Tensor]:
+    """GPTDataset samples (each ``tokens``/``labels``/``loss_mask`` ``[s]``) stacked into
+    ``[B, s]`` each."""
+    return {k: torch.stack([it[k] for it in items]) for k in SAMPLE_KEYS}
+
+
 def fetch_samples(datasets: list, domain: np.ndarray, index: np.ndarray) -> dict[str, torch.Tensor]:
     """Samples ``datasets[domain[b]][index[b]]`` stacked into ``tokens``/``labels``/``loss_mask``
     ``[B, s]`` plus ``domain_id [B]`` (int64)."""
     items = [datasets[d][j] for d, j in zip(domain.tolist(), index.tolist())]
-    batch = {k: torch.stack([it[k] for it in items]) for k in SAMPLE_KEYS}
+    batch = stack_samples(items)
     batch["domain_id"] = torch.as_tensor(np.asarray(domain, dtype=np.int64))
     return batch

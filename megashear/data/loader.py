@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from megashear.data.domain_dataset import SAMPLE_KEYS, build_domain_dataset, fetch_samples
+from megashear.data.domain_dataset import build_domain_dataset, fetch_samples, stack_samples
 from megashear.data.manifest import Manifest, load_manifest
 from megashear.data.sampler import DynamicDomainSampler, Picks
 
@@ -171,8 +171,7 @@ def validation_batches(
             name=d.name,
         )
         n = min(sequences, len(ds))
-        items = [ds[j] for j in range(n)]
-        out[d.name] = {k: torch.stack([it[k] for it in items]) for k in SAMPLE_KEYS}
+        out[d.name] = stack_samples([ds[j] for j in range(n)])
     return out
 
 

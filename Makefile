@@ -9,7 +9,7 @@ STAMP := $(VENV)/.megashear-installed
 TORCH_VERSION ?= 2.13.0
 DEMO_DIR ?= runs/demo
 
-.PHONY: venv test demo lint bench clean
+.PHONY: venv test demo lint bench smollm2 clean
 
 $(STAMP): setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,10 @@ lint: venv
 
 bench: venv
 	$(PY) tools/bench_train_step.py
+
+# The real pretrained model fixture: SmolLM2-135M-Instruct as an fp32 HF dir, cached (see the tool).
+smollm2: venv
+	$(PY) tools/fetch_smollm2.py
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

@@ -24,12 +24,14 @@ setup(
     extras_require={
         # GPU accelerations; apex is built from source (see README), never from PyPI.
         "gpu": ["transformer-engine[pytorch]>=2.0", "flash-attn>=2.6"],
-        "hf": ["transformers>=4.45"],
+        "hf": ["transformers>=4.45", "gguf==0.19.0", "accelerate==1.15.0"],
         "logging": ["tensorboard>=2.15", "matplotlib>=3.8"],
         "dev": [
             "pytest>=8",
             "ruff>=0.6",
             "transformers>=4.45",
+            "gguf==0.19.0",
+            "accelerate==1.15.0",
             "tensorboard>=2.15",
             "matplotlib>=3.8",
         ],

@@ -10,6 +10,7 @@ wrong type, missing file, infeasible target) ends with a one-line ``error:`` and
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -19,7 +20,7 @@ import time
 from megashear import config_io
 from megashear.config import RunConfig
 from megashear.config_io import ConfigError
-from megashear.model_config import ModelConfig, get_preset
+from megashear.model_config import WEIGHT_FIELDS, ModelConfig, get_preset
 
 logger = logging.getLogger("megashear")
 
@@ -39,25 +40,72 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def resolve_config(args: argparse.Namespace) -> RunConfig:
-    """YAML files and overrides -> RunConfig; ``model_preset`` supplies the model defaults."""
+    """YAML files and overrides -> RunConfig.
+
+    Without ``checkpoint.load``, ``model_preset`` supplies the model defaults. With it, the
+    checkpoint's model (``megashear.json``) is the base of ``cfg.model``: a preset, a YAML
+    ``model:`` section and ``--model.*`` flags may restate its fields but only change
+    ``seq_length`` (which changes no weight); any other field given with another value is a
+    :class:`ConfigError` naming every contradiction.
+    """
     preset = None
     for path in args.config:
         preset = config_io.load_yaml(path).get("model_preset", preset)
     preset = getattr(args, "cfg:model_preset", preset)
-    base = {}
+    preset_model = None
     if preset:
         try:
-            base = {"model": get_preset(str(preset)).to_dict()}
+            preset_model = get_preset(str(preset))
         except ValueError as exc:
             raise ConfigError(f"config key 'model_preset': {exc}") from exc
+    base = {"model": preset_model.to_dict()} if preset_model else {}
     cfg = config_io.resolve(RunConfig, args.config, args, base=base)
-    if cfg.checkpoint.load and not preset and cfg.model == ModelConfig():
-        # No model given: the shape is the checkpoint's (a converted or finalised model).
-        from megashear.training.checkpointing import read_meta, resolve
-
-        meta = read_meta(resolve(cfg.checkpoint.load))
-        cfg.model = ModelConfig.from_dict(meta["model"])
+    if cfg.checkpoint.load:
+        cfg.model = _checkpoint_model(cfg.checkpoint.load, args, preset_model, str(preset))
     return cfg
+
+
+def _checkpoint_model(
+    load: str, args: argparse.Namespace, preset_model: ModelConfig | None, preset: str
+) -> ModelConfig:
+    """The model of checkpoint ``load``, with the explicitly given ``seq_length``, if any."""
+    from megashear.training.checkpointing import read_meta, resolve
+
+    saved = ModelConfig.from_dict(read_meta(resolve(load))["model"])
+    # Where each model field was set explicitly (later sources win): preset < YAML < flags.
+    given: dict[str, str] = {}
+    if preset_model is not None:
+        for name in preset_model.to_dict():
+            given[name] = f"model_preset={preset}"
+    for key, label in config_io.given_keys(args.config, args).items():
+        if key.startswith("model."):
+            given[key[len("model.") :]] = label
+    if not given:
+        return saved
+    # The checkpoint's model under the explicit settings (None-valued fields, such as
+    # num_query_groups or kv_channels, then take their meaning from the merged model).
+    base = {
+        "model": config_io.merge(saved.to_dict(), preset_model.to_dict() if preset_model else {})
+    }
+    merged = config_io.resolve(RunConfig, args.config, args, base=base).model
+    contradictions = []
+    for name in WEIGHT_FIELDS:
+        if name not in given:
+            continue
+        if name == "kv_channels":
+            name_shown, ours, theirs = "head_dim", merged.head_dim, saved.head_dim
+        else:
+            name_shown, ours, theirs = name, getattr(merged, name), getattr(saved, name)
+        if ours != theirs:
+            contradictions.append((given[name], f"{name_shown} {config_io.format_value(theirs)}"))
+    if contradictions:
+        sources = list(dict.fromkeys(source for source, _ in contradictions))
+        verb = "contradicts" if len(sources) == 1 else "contradict"
+        raise ConfigError(
+            f"{', '.join(sources)} {verb} checkpoint {load} "
+            f"({', '.join(saved_value for _, saved_value in contradictions)})"
+        )
+    return dataclasses.replace(saved, seq_length=merged.seq_length)
 
 
 def _is_rank0() -> bool:

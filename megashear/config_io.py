@@ -199,6 +199,42 @@ def resolve(cls: type, files: list[str], args: argparse.Namespace, base: dict | 
     return from_dict(cls, data)
 
 
+def _flatten(data: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in data.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def format_value(value: Any) -> str:
+    """A value as YAML spells it (``true``, ``null``, ``4``)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "null"
+    return str(value)
+
+
+def given_keys(files: list[str], args: argparse.Namespace) -> dict[str, str]:
+    """Every dotted key the YAML ``files`` or the command line set explicitly, each with where
+    its winning value came from: ``--model.num_layers=4`` or ``model.num_layers=4 (run.yaml)``.
+
+    The flags default to ``argparse.SUPPRESS``, so the namespace holds only the flags given.
+    """
+    out: dict[str, str] = {}
+    for path in files:
+        for key, value in _flatten(load_yaml(path)).items():
+            out[key] = f"{key}={format_value(value)} ({path})"
+    for name, raw in vars(args).items():
+        if name.startswith("cfg:"):
+            key = name[len("cfg:") :]
+            out[key] = f"--{key}={raw}"
+    return out
+
+
 def dump_yaml(obj: Any, path: str) -> None:
     """Write a config atomically (temporary name, then rename)."""
     tmp = f"{path}.tmp.{os.getpid()}"

@@ -1,7 +1,20 @@
 """LLaMA model shapes: the dataclass every part of megashear agrees on, and named presets.
 
-A shape is the architecture only (no parallel layout, no training settings). All LLaMA variants
-here use RMSNorm, SwiGLU, rotary embeddings, no biases and untied input/output embeddings.
+A shape is the architecture only (no parallel layout, no training settings). Every variant uses
+RMSNorm, SwiGLU, rotary embeddings and no biases. What differs between the LLaMA families of
+today is captured by a few fields:
+
+- ``tie_word_embeddings``: one ``[v, h]`` matrix serves as the input embedding and the LM head
+  (Llama-3.2-1B/3B, SmolLM2); it is stored and counted once.
+- ``rope_scaling``: ``"none"`` or ``"llama3"`` (Llama-3.1/3.2/3.3), with its factor, low/high
+  frequency factors and original context length, applied to the inverse frequencies exactly as
+  transformers' ``rope_type: llama3`` does.
+- ``make_vocab_size_divisible_by``: the embedding and output layer hold
+  :attr:`ModelConfig.padded_vocab_size` rows (Megatron's vocabulary padding), so that any tensor
+  parallel size that divides it can split them; the padded rows are zero and their logits never
+  enter the softmax. Checkpoints store the padded rows; Hugging Face exports drop them. The
+  padding depends on the model only, never on the layout, so a checkpoint loads at any TP.
+
 The head dimension is ``hidden_size // num_attention_heads`` unless ``kv_channels`` is given,
 which pruned models need (a pruned model keeps the source head dim while hidden shrinks).
 """
@@ -9,7 +22,10 @@ which pruned models need (a pruned model keeps the source head dim while hidden 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
+
+ROPE_SCALING_TYPES = ("none", "llama3")
 
 
 @dataclass
@@ -24,9 +40,16 @@ class ModelConfig:
         ffn_hidden_size: SwiGLU intermediate width ``f``.
         vocab_size: tokenizer vocabulary ``v`` (unpadded).
         kv_channels: head dimension ``hn``; ``None`` means ``h // a``.
-        seq_length: maximum sequence length ``s``.
-        rotary_base: RoPE base (10000 for LLaMA2, 500000 for LLaMA3).
+        seq_length: maximum sequence length ``s`` (a training setting: it changes no weight).
+        rotary_base: RoPE base (10000 for LLaMA2, 500000 for LLaMA3, 100000 for SmolLM2).
         norm_epsilon: RMSNorm epsilon.
+        tie_word_embeddings: the LM head is the input embedding matrix.
+        rope_scaling: ``"none"`` or ``"llama3"``.
+        rope_scaling_factor: llama3 ``factor`` (8 for Llama-3.1, 32 for Llama-3.2).
+        rope_low_freq_factor: llama3 ``low_freq_factor``.
+        rope_high_freq_factor: llama3 ``high_freq_factor``.
+        rope_original_max_position_embeddings: llama3 ``original_max_position_embeddings``.
+        make_vocab_size_divisible_by: pad the vocabulary rows to a multiple of this.
     """
 
     num_layers: int = 2
@@ -39,10 +62,26 @@ class ModelConfig:
     seq_length: int = 64
     rotary_base: float = 10000.0
     norm_epsilon: float = 1e-5
+    tie_word_embeddings: bool = False
+    rope_scaling: str = "none"
+    rope_scaling_factor: float = 8.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_position_embeddings: int = 8192
+    make_vocab_size_divisible_by: int = 128
 
     def __post_init__(self) -> None:
         if self.num_query_groups is None:
             self.num_query_groups = self.num_attention_heads
+        if self.rope_scaling not in ROPE_SCALING_TYPES:
+            raise ValueError(
+                f"rope_scaling {self.rope_scaling!r} is not supported; allowed: "
+                f"{list(ROPE_SCALING_TYPES)}"
+            )
+        if self.make_vocab_size_divisible_by < 1:
+            raise ValueError(
+                f"make_vocab_size_divisible_by must be >= 1, got {self.make_vocab_size_divisible_by}"
+            )
 
     @property
     def head_dim(self) -> int:
@@ -57,14 +96,22 @@ class ModelConfig:
     def is_gqa(self) -> bool:
         return self.num_query_groups != self.num_attention_heads
 
+    @property
+    def padded_vocab_size(self) -> int:
+        """Rows of the embedding and output layer: ``v`` rounded up to the padding multiple."""
+        m = self.make_vocab_size_divisible_by
+        return math.ceil(self.vocab_size / m) * m
+
     def num_parameters(self) -> int:
-        """Total parameters: embeddings, LM head, norms, attention and SwiGLU MLP."""
+        """Total parameters, as Hugging Face counts them: embeddings, LM head (once if tied),
+        norms, attention and SwiGLU MLP; the vocabulary padding is not counted."""
         h, f, v, hn = self.hidden_size, self.ffn_hidden_size, self.vocab_size, self.head_dim
         a, g = self.num_attention_heads, self.num_query_groups
         attn = h * (a + 2 * g) * hn + a * hn * h
         mlp = 3 * h * f
         norms = 2 * h
-        return self.num_layers * (attn + mlp + norms) + 2 * v * h + h
+        embeddings = (1 if self.tie_word_embeddings else 2) * v * h
+        return self.num_layers * (attn + mlp + norms) + embeddings + h
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -80,16 +127,53 @@ class ModelConfig:
         return cls(**d)
 
 
+# Fields that define the weights: two configs that differ in one of them are different models.
+# ``seq_length`` is the only field a run may change on a given checkpoint.
+WEIGHT_FIELDS = tuple(f.name for f in dataclasses.fields(ModelConfig) if f.name != "seq_length")
+
+
+def model_differences(a: ModelConfig, b: ModelConfig) -> list[str]:
+    """``field: a != b`` for every weight-defining field in which ``a`` and ``b`` differ."""
+    out = []
+    for name in WEIGHT_FIELDS:
+        va, vb = getattr(a, name), getattr(b, name)
+        if name == "kv_channels":
+            name, va, vb = "head_dim", a.head_dim, b.head_dim
+        if name == "num_query_groups":
+            va, vb = a.num_query_groups, b.num_query_groups
+        if va != vb:
+            out.append(f"{name}: {va} != {vb}")
+    return out
+
+
 PRESETS: dict[str, ModelConfig] = {
     "llama2-7b": ModelConfig(32, 4096, 32, 32, 11008, 32000, seq_length=4096),
     "llama2-13b": ModelConfig(40, 5120, 40, 40, 13824, 32000, seq_length=4096),
     "llama2-70b": ModelConfig(80, 8192, 64, 8, 28672, 32000, seq_length=4096),
     "llama3-8b": ModelConfig(32, 4096, 32, 8, 14336, 128256, seq_length=8192, rotary_base=500000.0),
+    "llama3.1-8b": ModelConfig(
+        32, 4096, 32, 8, 14336, 128256, seq_length=8192, rotary_base=500000.0,
+        rope_scaling="llama3", rope_scaling_factor=8.0,
+    ),
+    "llama3.2-1b": ModelConfig(
+        16, 2048, 32, 8, 8192, 128256, kv_channels=64, seq_length=8192, rotary_base=500000.0,
+        tie_word_embeddings=True, rope_scaling="llama3", rope_scaling_factor=32.0,
+    ),
+    "llama3.2-3b": ModelConfig(
+        28, 3072, 24, 8, 8192, 128256, seq_length=8192, rotary_base=500000.0,
+        tie_word_embeddings=True, rope_scaling="llama3", rope_scaling_factor=32.0,
+    ),
+    "smollm2-135m": ModelConfig(
+        30, 576, 9, 3, 1536, 49152, seq_length=8192, rotary_base=100000.0,
+        tie_word_embeddings=True,
+    ),
     # Tiny shapes for tests and CPU runs.
     "tiny-mha": ModelConfig(4, 64, 4, 4, 160, 256, seq_length=64),
     "tiny-gqa": ModelConfig(4, 64, 4, 2, 160, 256, seq_length=64),
     "tiny-gqa-8h": ModelConfig(4, 64, 8, 4, 160, 256, seq_length=64),
-}
+    # tied embeddings and a vocabulary that needs padding (250 -> 256 rows)
+    "tiny-gqa-tied": ModelConfig(4, 64, 8, 4, 160, 250, seq_length=64, tie_word_embeddings=True),
+}  # fmt: skip
 
 
 def get_preset(name: str) -> ModelConfig:

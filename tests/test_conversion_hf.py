@@ -1,5 +1,9 @@
 """HF <-> megatron-core conversion with a tiny random transformers LlamaForCausalLM as the
-real client: logits parity at TP2PP2, bit-exact round trip, exports transformers loads, errors."""
+real client: logits parity at TP2PP2, bit-exact round trip, exports transformers loads, errors.
+
+The shapes cover what today's LLaMA families add: tied embeddings with Llama-3.2's rope scaling
+(``llama3``, factor 32) in a config saved by transformers 5 (the base only under
+``rope_parameters``), and a vocabulary of 32001 that TP2 splits only after padding."""
 
 from __future__ import annotations
 
@@ -35,6 +39,33 @@ SHAPES = {
         num_attention_heads=4,
         num_key_value_heads=2,
     ),
+    # Llama-3.2 style: tied, GQA, llama3 rope scaling (factor 32), base 500000
+    "tied-llama3": dict(
+        vocab_size=384,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+        rope_parameters={
+            "rope_type": "llama3",
+            "rope_theta": 500000.0,
+            "factor": 32.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 32,
+        },
+    ),
+    # a LLaMA-2 fine-tune's vocabulary: TP2 needs the padding to 32128 rows
+    "vocab-32001": dict(
+        vocab_size=32001,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+    ),
 }
 
 
@@ -43,7 +74,7 @@ def make_hf(path: Path, shape: dict, seed: int = 0, **save) -> None:
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(
-        **shape, max_position_embeddings=64, tie_word_embeddings=False, rms_norm_eps=1e-5
+        **{"tie_word_embeddings": False, **shape}, max_position_embeddings=64, rms_norm_eps=1e-5
     )
     LlamaForCausalLM(cfg).save_pretrained(path, **save)
 
@@ -139,8 +170,9 @@ def test_pruned_shape_export_loads_in_transformers(tmp_path):
     from transformers import LlamaForCausalLM
 
     from megashear.conversion.hf import read_hf, write_hf
+    from megashear.layout import init_canonical_weights
     from megashear.model_config import ModelConfig
-    from megashear.pruning.reference_forward import init_canonical_weights, llama_forward
+    from megashear.pruning.reference_forward import llama_forward
 
     cfg = ModelConfig(2, 48, 4, 2, 96, 128, kv_channels=16, seq_length=32)
     weights = init_canonical_weights(cfg, generator=torch.Generator().manual_seed(1))
@@ -170,21 +202,19 @@ def test_bad_inputs_are_clear_errors(tmp_path):
     (tmp_path / "mm" / "config.json").write_text(json.dumps(cfg))
     p = convert("hf-to-megatron", "--load", str(tmp_path / "mm"), "--save", str(tmp_path / "o2"))
     assert p.returncode == 2 and "does not match config.json" in p.stderr
-    # unsupported rope scaling, tied embeddings
+    # an unknown rope type, and a config key that would change the model
     for key, value, message in (
-        (
-            "rope_scaling",
-            {"rope_type": "llama3", "factor": 8.0},
-            "rope_scaling 'llama3' is not supported",
-        ),
-        ("tie_word_embeddings", True, "tied input/output embeddings"),
-    ):
+        ("rope_parameters", {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0},
+         "rope type 'yarn' is not supported"),
+        ("sliding_window", 16, "key 'sliding_window' is not understood"),
+    ):  # fmt: skip
         make_hf(tmp_path / key, SHAPES["gqa"])
         cfg = json.loads((tmp_path / key / "config.json").read_text())
         cfg[key] = value
         (tmp_path / key / "config.json").write_text(json.dumps(cfg))
         p = convert("hf-to-megatron", "--load", str(tmp_path / key), "--save", str(tmp_path / "x"))
         assert p.returncode == 2 and message in p.stderr, p.stderr[-500:]
+        assert len(p.stderr.strip().splitlines()) == 1 and not (tmp_path / "x").exists()
     # unknown key
     from safetensors.torch import load_file, save_file
 

@@ -19,6 +19,14 @@ TOOL = str(ROOT / "tools" / "convert_checkpoint.py")
 SHAPES = {
     "mha": dict(num_layers=3, hidden_size=64, num_attention_heads=4, num_query_groups=4),
     "gqa": dict(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2),
+    # tied: megatron-core saves no output layer; the vocabulary (100) is padded to 128 rows
+    "tied": dict(
+        num_layers=2,
+        hidden_size=64,
+        num_attention_heads=4,
+        num_query_groups=2,
+        tie_word_embeddings=True,
+    ),
 }
 
 
@@ -40,8 +48,8 @@ def _compare_with_megatron_save(name: str, workdir: str) -> dict:
     """Run in a subprocess: one model saved by megatron-core and by the streaming writer."""
     from megashear.conversion.dist_stream import CheckpointReader, write_checkpoint
     from megashear.conversion.megatron_layout import canonical_to_megatron
+    from megashear.layout import canonical_shapes
     from megashear.model_config import ModelConfig
-    from megashear.pruning.reference_forward import canonical_shapes
     from megashear.training.checkpointing import (
         load_megatron_checkpoint,
         save_megatron_checkpoint,
@@ -117,9 +125,9 @@ def test_tp_chunks_cut_each_tensor_like_megatron_ranks():
     proj = sorted(chunks["decoder.layers.self_attention.linear_proj.weight"])
     assert proj[:2] == [((0, 0, 0), (1, 64, 32)), ((0, 0, 32), (1, 64, 32))]
     assert sorted(chunks["embedding.word_embeddings.weight"]) == [
-        ((0, 0), (50, 64)),
-        ((50, 0), (50, 64)),
-    ]
+        ((0, 0), (64, 64)),
+        ((64, 0), (64, 64)),
+    ]  # the vocabulary 100 padded to 128 rows, 64 per TP rank
     # norms are whole per layer
     assert len(chunks["decoder.layers.mlp.linear_fc1.layer_norm_weight"]) == cfg.num_layers
 

@@ -1,5 +1,6 @@
 """Under deterministic masks at the target sizes, the masked model's logits equal the logits of
-the model ``megashear finalize`` makes, at TP1PP1 and TP2PP2, for MHA and GQA."""
+the model ``megashear finalize`` makes, at TP1PP1 and TP2PP2, for MHA, GQA and a tied GQA model
+with a padded vocabulary."""
 
 from __future__ import annotations
 
@@ -23,6 +24,13 @@ MODELS = {
         "model": "tiny-gqa-8h",
         "target": GQA_TARGET,
         "kinds": ["hidden", "head", "head_layer", "intermediate", "mlp", "layer"],
+    },
+    # tied embeddings (the hidden mask on the one shared matrix; under PP2 the last stage holds
+    # megatron-core's copy of it) and a padded vocabulary
+    "tied": {
+        "model": "tiny-gqa-tied",
+        "target": GQA_TARGET,
+        "kinds": ["hidden", "head", "intermediate", "layer"],
     },
 }
 

@@ -17,7 +17,14 @@ from megashear.training.checkpointing import CheckpointError, check_model_config
         (get_preset("tiny-mha"), ParallelConfig(tp=3), 3, "num_attention_heads=4 is not divisible"),
         (ModelConfig(num_layers=3), ParallelConfig(pp=2), 2, "num_layers=3 is not divisible"),
         (get_preset("tiny-gqa"), ParallelConfig(tp=4), 4, "num_query_groups=2 is not divisible"),
-        (ModelConfig(vocab_size=255), ParallelConfig(tp=2), 2, "vocab_size=255 is not divisible"),
+        (
+            ModelConfig(
+                vocab_size=32001, num_attention_heads=3, num_query_groups=3, ffn_hidden_size=96
+            ),
+            ParallelConfig(tp=3),
+            3,
+            "padded vocabulary 32128 .* not divisible by tensor parallel size 3",
+        ),
         (get_preset("tiny-mha"), ParallelConfig(vpp=2), 1, "need pp >= 2"),
         (get_preset("tiny-mha"), ParallelConfig(pp=2, vpp=4), 2, "pp=2 x vpp=4"),
     ],

@@ -5,20 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from megashear.layout import canonical_shapes, init_canonical_weights
 from megashear.model_config import ModelConfig, get_preset
 from megashear.pruning import hard_concrete as hc
-from megashear.pruning.finalize import (
-    count_parameters,
-    finalization_masks,
-    finalization_plan,
-    finalize,
-)
-from megashear.pruning.reference_forward import (
-    canonical_shapes,
-    init_canonical_weights,
-    llama_forward,
-    masked_llama_forward,
-)
+from megashear.pruning.finalize import finalization_masks, finalization_plan, finalize
+from megashear.pruning.reference_forward import llama_forward, masked_llama_forward
 from megashear.pruning.targets import make_target
 
 MHA = ModelConfig(4, 64, 4, 4, 160, 256)  # hn 16
@@ -176,10 +167,23 @@ def test_bad_inputs_are_rejected():
         finalization_plan(MHA, make_target(GQA, num_layers=5))
 
 
-@pytest.mark.parametrize("name", ["llama2-7b", "llama2-70b", "llama3-8b", "tiny-mha", "tiny-gqa"])
-def test_count_parameters_matches_model_config(name):
+def count_parameters(cfg: ModelConfig) -> int:
+    return sum(torch.Size(s).numel() for s in canonical_shapes(cfg).values())
+
+
+@pytest.mark.parametrize(
+    "name", ["llama2-7b", "llama2-70b", "llama3-8b", "llama3.2-1b", "smollm2-135m", "tiny-gqa"]
+)
+def test_canonical_layout_matches_parameter_formula(name):
+    """The layout's shapes and ModelConfig's closed formula agree (the tie counted once)."""
     cfg = get_preset(name)
     assert count_parameters(cfg) == cfg.num_parameters()
+    assert ("lm_head" in canonical_shapes(cfg)) == (not cfg.tie_word_embeddings)
+
+
+def test_published_parameter_counts():
+    assert get_preset("smollm2-135m").num_parameters() == 134_515_008
+    assert get_preset("llama3.2-1b").num_parameters() == 1_235_814_400
 
 
 def _hn128(*fields: int) -> ModelConfig:

@@ -52,7 +52,7 @@ def generate(path: str, cfg) -> float:
     stamp = os.path.join(path, "bench-config.json")
     if os.path.isfile(stamp) and json.load(open(stamp)) == cfg.to_dict():
         return 0.0
-    from megashear.pruning.reference_forward import canonical_shapes
+    from megashear.layout import canonical_shapes
 
     start = time.perf_counter()
     gen = torch.Generator().manual_seed(0)
@@ -98,8 +98,8 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the converted outputs")
     args = parser.parse_args()
 
+    from megashear.layout import canonical_shapes
     from megashear.model_config import get_preset
-    from megashear.pruning.reference_forward import canonical_shapes
 
     cfg = get_preset(args.preset)
     if args.num_layers:

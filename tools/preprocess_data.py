@@ -3,10 +3,15 @@
 
     python tools/preprocess_data.py --input DIR_OR_FILES --tokenizer tokenizer.model \\
         --output-dir data/ [--valid-tokens-per-domain 2000000] [--workers 4] \\
-        [--weights web=0.67,github=0.045,...]
+        [--weights web=0.67,github=0.045,...] [--eos-token T] [--bos-token T] \\
+        [--add-bos|--no-add-bos] [--add-eos|--no-add-eos]
 
 One domain per input file (``NAME.jsonl[.gz|.xz]``; a directory means all such files in it).
-Writes ``OUT/NAME_train.{bin,idx}``, ``OUT/NAME_valid.{bin,idx}`` and ``OUT/manifest.yaml``.
+The tokenizer is a sentencepiece ``.model``, an HF ``tokenizer.json``, or an HF model directory
+(see ``megashear.data.tokenizer``). Every document ends with EOS (unless ``--no-add-eos``); it
+starts with BOS only if the tokenizer's settings (or ``--add-bos``) say so.
+Writes ``OUT/NAME_train.{bin,idx}``, ``OUT/NAME_valid.{bin,idx}`` and ``OUT/manifest.yaml``
+(which records the tokenizer's kind, vocabulary, BOS/EOS ids and whether they were added).
 More than ``--max-bad-fraction`` malformed lines in a domain is an error.
 """
 
@@ -21,7 +26,11 @@ import time
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--input", nargs="+", required=True)
-    parser.add_argument("--tokenizer", required=True, help="a sentencepiece .model")
+    parser.add_argument(
+        "--tokenizer",
+        required=True,
+        help="a sentencepiece .model, an HF tokenizer.json, or a directory holding either",
+    )
     parser.add_argument("--output-dir", required=True)
     parser.add_argument("--valid-tokens-per-domain", type=int, default=2_000_000)
     parser.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2)))
@@ -33,6 +42,20 @@ def main() -> int:
         default=None,
         help="stop each domain after this much text",
     )
+    parser.add_argument("--bos-token", default=None, help="BOS token (default: the tokenizer's)")
+    parser.add_argument("--eos-token", default=None, help="EOS token (default: the tokenizer's)")
+    parser.add_argument(
+        "--add-bos",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="prepend BOS to every document (default: as the tokenizer's settings say)",
+    )
+    parser.add_argument(
+        "--add-eos",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="append EOS to every document (default: yes, when the tokenizer has an EOS)",
+    )
     args = parser.parse_args()
 
     from megashear.data.preprocess import expand_inputs
@@ -42,11 +65,20 @@ def main() -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if not os.path.isfile(args.tokenizer):
-        print(f"error: tokenizer {args.tokenizer} does not exist", file=sys.stderr)
+    from megashear.data.tokenizer import load_tokenizer
+
+    tokenizer_options = {
+        "bos": args.bos_token,
+        "eos": args.eos_token,
+        "add_bos": args.add_bos,
+        "add_eos": args.add_eos,
+    }
+    try:
+        tokenizer = load_tokenizer(args.tokenizer, **tokenizer_options)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
 
-    import sentencepiece as spm
     from tqdm import tqdm
 
     from megashear.data.manifest import Domain, Manifest, save_manifest
@@ -63,7 +95,11 @@ def main() -> int:
             f"error: --weights names unknown domains {unknown}; domains: {names}", file=sys.stderr
         )
         return 2
-    vocab = spm.SentencePieceProcessor(model_file=args.tokenizer).get_piece_size()
+    print(
+        f"tokenizer: {tokenizer.kind}, vocabulary {tokenizer.vocab_size}, "
+        f"BOS {tokenizer.bos_id} {'added' if tokenizer.add_bos else 'not added'}, "
+        f"EOS {tokenizer.eos_id} {'added' if tokenizer.add_eos else 'not added'}"
+    )
     os.makedirs(args.output_dir, exist_ok=True)
     total = sum(os.path.getsize(f) for f in files)
     start = time.time()
@@ -79,6 +115,7 @@ def main() -> int:
                 args.workers,
                 progress=bar,
                 max_bytes=args.max_bytes_per_domain,
+                tokenizer_options=tokenizer_options,
             )
             bar.update(max(0, before + os.path.getsize(path) - bar.n))
             lines = stats.documents + stats.bad_lines
@@ -98,7 +135,16 @@ def main() -> int:
         return 1
     text_mb = sum(os.path.getsize(f) for f in files) / 1e6
     print(f"{text_mb:.1f} MB of input in {time.time() - start:.1f} s")
-    manifest = Manifest(domains, tokenizer=os.path.abspath(args.tokenizer), vocab_size=vocab)
+    manifest = Manifest(
+        domains,
+        tokenizer=os.path.abspath(args.tokenizer),
+        vocab_size=tokenizer.vocab_size,
+        tokenizer_kind=tokenizer.kind,
+        bos_id=tokenizer.bos_id,
+        eos_id=tokenizer.eos_id,
+        add_bos=tokenizer.add_bos,
+        add_eos=tokenizer.add_eos,
+    )
     save_manifest(manifest, os.path.join(args.output_dir, "manifest.yaml"))
     print(os.path.join(args.output_dir, "manifest.yaml"))
     return 0

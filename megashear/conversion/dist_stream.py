@@ -3,8 +3,8 @@
 Sharded keys of megatron-core 0.16.1's ``GPTModel`` (local spec), as its own save writes them
 (``tests/test_conversion_stream.py`` checks this table against a real save)::
 
-    embedding.word_embeddings.weight                              [v, h]       TP: dim 0
-    output_layer.weight                                           [v, h]       TP: dim 0
+    embedding.word_embeddings.weight                              [v_pad, h]   TP: dim 0
+    output_layer.weight                                           [v_pad, h]   TP: dim 0
     decoder.final_layernorm.weight                                [h]
     decoder.layers.self_attention.linear_qkv.layer_norm_weight    [L, h]       input_layernorm
     decoder.layers.self_attention.linear_qkv.weight               [L, (a+2g)*hn, h]  TP: dim 1
@@ -14,6 +14,8 @@ Sharded keys of megatron-core 0.16.1's ``GPTModel`` (local spec), as its own sav
     decoder.layers.mlp.linear_fc2.weight                          [L, h, f]    TP: dim 2
     decoder.layers.<linear>._extra_state/shard_{i}_{L}            bytes, ``[None]`` (4 linears)
 
+``v_pad`` is the padded vocabulary; a tied model has no ``output_layer.weight`` (megatron-core
+saves the last stage's copy under the embedding's key as a replica, so it is stored once).
 Layer tensors carry the layer axis in front; each layer (and each TP slice of it) is one chunk,
 as megatron-core's ranks save them. The writer is a PyTorch DCP ``SavePlanner`` that lists those
 chunks up front and produces each one only when the file writer asks for it, so memory holds one
@@ -80,9 +82,16 @@ SHARDED_KEYS = (
 )
 
 
+def sharded_keys(cfg: ModelConfig) -> tuple[ShardedKey, ...]:
+    """The sharded keys a checkpoint of ``cfg`` holds (no output layer when tied)."""
+    if not cfg.tie_word_embeddings:
+        return SHARDED_KEYS
+    return tuple(sk for sk in SHARDED_KEYS if sk.name != GLOBAL_KEYS["lm_head"])
+
+
 def full_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Full megatron state dict name -> shape, for every weight of ``cfg``."""
-    h, f, v = cfg.hidden_size, cfg.ffn_hidden_size, cfg.vocab_size
+    h, f, v = cfg.hidden_size, cfg.ffn_hidden_size, cfg.padded_vocab_size
     hn, a, g = cfg.head_dim, cfg.num_attention_heads, cfg.num_query_groups
     per_key = {
         GLOBAL_KEYS["embedding"]: (v, h),
@@ -96,7 +105,7 @@ def full_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
         LAYER_KEYS["down"]: (h, f),
     }
     out = {}
-    for sk in SHARDED_KEYS:
+    for sk in sharded_keys(cfg):
         layers = range(cfg.num_layers) if sk.per_layer else [None]
         for i in layers:
             out[sk.name.format(i)] = per_key[sk.name]
@@ -155,14 +164,15 @@ def _write_items(cfg: ModelConfig, dtype: torch.dtype, tp: int) -> list:
         return items
 
     items = []
+    keys = sharded_keys(cfg)
     for i in range(L):
-        for sk in SHARDED_KEYS:
+        for sk in keys:
             if sk.per_layer:
                 items += tensor_items(sk, i)
         for linear in EXTRA_STATE_LINEARS:
             fqn = f"decoder.layers.{linear}._extra_state/shard_{i}_{L}"
             items.append(WriteItem(index=MetadataIndex(fqn), type=WriteItemType.BYTE_IO))
-    for sk in SHARDED_KEYS:
+    for sk in keys:
         if not sk.per_layer:
             items += tensor_items(sk, None)
     return items
@@ -340,7 +350,8 @@ class CheckpointReader:
         self.cfg = ModelConfig.from_dict(meta["model"])
         with open(os.path.join(self.dir, ".metadata"), "rb") as f:
             stored = pickle.load(f).state_dict_metadata
-        missing = [sk.key for sk in SHARDED_KEYS if sk.key not in stored]
+        self.keys = sharded_keys(self.cfg)
+        missing = [sk.key for sk in self.keys if sk.key not in stored]
         if missing:
             raise CheckpointError(f"{self.dir} holds no tensor {missing[0]}")
         self.stored_dtype = stored[SHARDED_KEYS[0].key].properties.dtype
@@ -354,7 +365,7 @@ class CheckpointReader:
         from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
         request = {}
-        for sk in SHARDED_KEYS:
+        for sk in self.keys:
             if sk.per_layer != (layer is not None):
                 continue
             name = sk.name.format(layer)

@@ -1,12 +1,15 @@
-"""Hugging Face LLaMA directories <-> canonical weights (see :mod:`.megatron_layout`).
+"""Hugging Face LLaMA directories <-> canonical weights (layout in :mod:`megashear.layout`).
 
-Reading is strict: ``config.json`` must describe a LLaMA this code reproduces exactly (no tied
-embeddings, no biases, no rope scaling), every tensor must be present with the shape the config
-implies, and no unknown tensor may appear. Weights come from safetensors or ``.bin``, single or
-sharded with an index. Writing produces what ``transformers`` loads as it is: ``config.json``
-(the checkpoint's own sizes, ``head_dim`` included), safetensors shards with an index,
-``generation_config.json`` and, when given, the sentencepiece tokenizer. Output goes to a
-temporary directory renamed at the end.
+Reading is strict: ``config.json`` must describe a LLaMA this code reproduces exactly (every key
+understood: tied or untied embeddings, the RoPE base from ``rope_theta`` or transformers 5's
+``rope_parameters``, default or ``llama3`` rope scaling; no biases), every tensor must be
+present with the shape the config implies, and no unknown tensor may appear (a tied model may
+still carry a redundant ``lm_head.weight``, which is not read). Weights come from safetensors or
+``.bin``, single or sharded with an index. Writing produces what ``transformers`` loads as it
+is: ``config.json`` (the checkpoint's own sizes, ``head_dim``, the tie and the rope settings),
+safetensors shards with an index (one embedding tensor when tied, the vocabulary unpadded),
+``generation_config.json`` and, when given, the tokenizer (sentencepiece or ``tokenizer.json``).
+Output goes to a temporary directory renamed at the end.
 """
 
 from __future__ import annotations
@@ -19,8 +22,8 @@ from collections.abc import Callable
 import torch
 
 from megashear.conversion.safetensors_io import TensorInfo, read_header, read_tensor, write_file
+from megashear.layout import canonical_order, canonical_shapes
 from megashear.model_config import ModelConfig
-from megashear.pruning.reference_forward import canonical_shapes
 
 HF_LAYER = {
     "input_norm": "model.layers.{}.input_layernorm.weight",
@@ -52,26 +55,116 @@ def hf_name(canonical: str) -> str:
     return HF_LAYER[key].format(i)
 
 
+# config.json keys that change the model and that megashear reproduces exactly.
+MODEL_KEYS = {
+    "model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "head_dim", "vocab_size", "rms_norm_eps", "rope_theta",
+    "rope_scaling", "rope_parameters", "tie_word_embeddings", "hidden_act", "attention_bias",
+    "mlp_bias", "max_position_embeddings", "pretraining_tp",
+}  # fmt: skip
+# Keys that do not change the weights' meaning: token ids, dtype, bookkeeping, training-only
+# dropout, generation and output switches of transformers' PretrainedConfig.
+IGNORED_KEYS = {
+    "architectures", "transformers_version", "torch_dtype", "dtype", "bos_token_id",
+    "eos_token_id", "pad_token_id", "unk_token_id", "_model_name_or_path", "initializer_range", "use_cache", "attention_dropout",
+    "_name_or_path", "id2label", "label2id", "problem_type", "return_dict", "output_attentions",
+    "output_hidden_states", "chunk_size_feed_forward", "is_encoder_decoder", "torchscript",
+    "tie_encoder_decoder", "tokenizer_class", "prefix", "sep_token_id",
+    "decoder_start_token_id", "task_specific_params", "finetuning_task", "cross_attention_hidden_size",
+    "add_cross_attention", "is_decoder", "pruned_heads", "tf_legacy_loss", "use_bfloat16",
+    "_attn_implementation_autoset", "max_length", "min_length", "do_sample", "early_stopping",
+    "num_beams", "num_beam_groups", "diversity_penalty", "temperature", "top_k", "top_p",
+    "typical_p", "repetition_penalty", "length_penalty", "no_repeat_ngram_size",
+    "encoder_no_repeat_ngram_size", "bad_words_ids", "num_return_sequences",
+    "output_scores", "return_dict_in_generate", "forced_bos_token_id", "forced_eos_token_id",
+    "remove_invalid_values", "exponential_decay_length_penalty", "suppress_tokens",
+    "begin_suppress_tokens",
+}  # fmt: skip
+LLAMA3_ROPE_KEYS = (
+    "factor",
+    "low_freq_factor",
+    "high_freq_factor",
+    "original_max_position_embeddings",
+)
+
+
+def _rope_settings(c: dict, where: str) -> dict:
+    """ModelConfig RoPE fields from either ``rope_parameters`` (transformers 5) or the older
+    top-level ``rope_theta`` + ``rope_scaling``; both spellings must agree when both are given."""
+    params = dict(c.get("rope_parameters") or {})
+    legacy = dict(c.get("rope_scaling") or {})
+    if "rope_theta" in c:
+        legacy.setdefault("rope_theta", c["rope_theta"])
+    if "type" in legacy and "rope_type" not in legacy:
+        legacy["rope_type"] = legacy.pop("type")
+    for key in set(params) & set(legacy):
+        if params[key] != legacy[key]:
+            raise ConversionError(
+                f"{where}: rope_parameters.{key}={params[key]!r} contradicts the top-level "
+                f"rope settings ({legacy[key]!r})"
+            )
+    rope = {**legacy, **params}
+    rope_type = rope.pop("rope_type", "default") or "default"
+    # transformers' LlamaConfig default when neither spelling gives a base
+    out = {"rotary_base": float(rope.pop("rope_theta", 10000.0))}
+    if rope_type == "llama3":
+        missing = [k for k in LLAMA3_ROPE_KEYS if k not in rope]
+        if missing:
+            raise ConversionError(f"{where}: rope_scaling llama3 lacks {missing}")
+        out.update(
+            rope_scaling="llama3",
+            rope_scaling_factor=float(rope.pop("factor")),
+            rope_low_freq_factor=float(rope.pop("low_freq_factor")),
+            rope_high_freq_factor=float(rope.pop("high_freq_factor")),
+            rope_original_max_position_embeddings=int(rope.pop("original_max_position_embeddings")),
+        )
+    elif rope_type != "default":
+        raise ConversionError(
+            f"{where}: rope type {rope_type!r} is not supported (supported: default, llama3)"
+        )
+    if rope:
+        raise ConversionError(f"{where}: rope setting {sorted(rope)[0]!r} is not understood")
+    return out
+
+
 def config_from_hf(path: str) -> ModelConfig:
-    """ModelConfig from an HF ``config.json``; unsupported features are errors."""
+    """ModelConfig from an HF ``config.json``.
+
+    Strict: every key must be one megashear reproduces (``MODEL_KEYS``) or one that does not
+    change the model (``IGNORED_KEYS``); anything else, and any unsupported value (biases, an
+    activation other than silu, a rope type other than default/llama3), is a one-line
+    :class:`ConversionError`, so that no config converts silently into a different model.
+    """
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_path):
         raise ConversionError(f"{cfg_path} does not exist")
     with open(cfg_path) as f:
-        c = json.load(f)
+        try:
+            c = json.load(f)
+        except json.JSONDecodeError as exc:
+            raise ConversionError(f"{cfg_path} is not valid JSON ({exc})") from None
     if c.get("model_type") != "llama":
-        raise ConversionError(f"model_type {c.get('model_type')!r} is not 'llama'")
-    if c.get("tie_word_embeddings", False):
-        raise ConversionError("tied input/output embeddings are not supported (LLaMA unties them)")
-    if c.get("attention_bias") or c.get("mlp_bias"):
-        raise ConversionError("attention/MLP biases are not supported (LLaMA has none)")
-    scaling = c.get("rope_scaling")
-    if scaling and scaling.get("rope_type", scaling.get("type")) not in (None, "default"):
+        raise ConversionError(f"{cfg_path}: model_type {c.get('model_type')!r} is not 'llama'")
+    unknown = sorted(set(c) - MODEL_KEYS - IGNORED_KEYS)
+    if unknown:
         raise ConversionError(
-            f"rope_scaling {scaling.get('rope_type', scaling.get('type'))!r} is not supported"
+            f"{cfg_path}: key {unknown[0]!r} is not understood and may change the model "
+            f"({len(unknown)} unknown: {unknown[:5]})"
+        )
+    if c.get("attention_bias") or c.get("mlp_bias"):
+        raise ConversionError(
+            f"{cfg_path}: attention/MLP biases are not supported (LLaMA has none)"
         )
     if c.get("hidden_act", "silu") != "silu":
-        raise ConversionError(f"hidden_act {c['hidden_act']!r} is not supported (SwiGLU/silu)")
+        raise ConversionError(
+            f"{cfg_path}: hidden_act {c['hidden_act']!r} is not supported (SwiGLU/silu)"
+        )
+    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "vocab_size"):  # fmt: skip
+        if not isinstance(c.get(key), int) or c[key] <= 0:
+            raise ConversionError(
+                f"{cfg_path}: {key} must be a positive integer, got {c.get(key)!r}"
+            )
     heads = c["num_attention_heads"]
     head_dim = c.get("head_dim") or c["hidden_size"] // heads
     return ModelConfig(
@@ -83,8 +176,9 @@ def config_from_hf(path: str) -> ModelConfig:
         vocab_size=c["vocab_size"],
         kv_channels=None if head_dim * heads == c["hidden_size"] else head_dim,
         seq_length=c.get("max_position_embeddings", 4096),
-        rotary_base=float(c.get("rope_theta", 10000.0)),
-        norm_epsilon=float(c.get("rms_norm_eps", 1e-5)),
+        norm_epsilon=float(c.get("rms_norm_eps", 1e-6)),  # LlamaConfig's default
+        tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),  # LlamaConfig's default
+        **_rope_settings(c, cfg_path),
     )
 
 
@@ -125,7 +219,8 @@ class HFReader:
         files = _weight_files(path)
         shapes = canonical_shapes(self.cfg)
         wanted = {hf_name(k): k for k in shapes}
-        unknown = sorted(k for k in files if k not in wanted and not k.endswith(IGNORED))
+        ignored = IGNORED + ((HF_GLOBAL["lm_head"],) if self.cfg.tie_word_embeddings else ())
+        unknown = sorted(k for k in files if k not in wanted and not k.endswith(ignored))
         if unknown:
             raise ConversionError(f"unknown tensor {unknown[0]} in {path} ({len(unknown)} unknown)")
         missing = sorted(set(wanted) - set(files))
@@ -177,7 +272,22 @@ def read_hf(
     return {k: reader(k) for k in canonical_shapes(reader.cfg)}, reader.cfg
 
 
-def hf_config_dict(cfg: ModelConfig, dtype: torch.dtype) -> dict:
+def hf_config_dict(
+    cfg: ModelConfig, dtype: torch.dtype, bos_token_id: int | None = 1, eos_token_id: int | None = 2
+) -> dict:
+    """``config.json`` of ``cfg``: transformers 5's ``rope_parameters`` and, for older readers,
+    the same base and scaling as top-level ``rope_theta`` / ``rope_scaling``."""
+    rope = {"rope_type": "default", "rope_theta": cfg.rotary_base}
+    if cfg.rope_scaling == "llama3":
+        rope = {
+            "rope_type": "llama3",
+            "rope_theta": cfg.rotary_base,
+            "factor": cfg.rope_scaling_factor,
+            "low_freq_factor": cfg.rope_low_freq_factor,
+            "high_freq_factor": cfg.rope_high_freq_factor,
+            "original_max_position_embeddings": cfg.rope_original_max_position_embeddings,
+        }
+    legacy_scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -189,24 +299,18 @@ def hf_config_dict(cfg: ModelConfig, dtype: torch.dtype) -> dict:
         "head_dim": cfg.head_dim,
         "max_position_embeddings": cfg.seq_length,
         "rms_norm_eps": cfg.norm_epsilon,
+        "rope_parameters": rope,
         "rope_theta": cfg.rotary_base,
-        "rope_scaling": None,
+        "rope_scaling": legacy_scaling if cfg.rope_scaling != "none" else None,
         "vocab_size": cfg.vocab_size,
         "hidden_act": "silu",
-        "tie_word_embeddings": False,
+        "tie_word_embeddings": cfg.tie_word_embeddings,
         "attention_bias": False,
         "mlp_bias": False,
-        "bos_token_id": 1,
-        "eos_token_id": 2,
+        "bos_token_id": bos_token_id,
+        "eos_token_id": eos_token_id,
         "torch_dtype": str(dtype).replace("torch.", ""),
     }
-
-
-def canonical_order(cfg: ModelConfig) -> list[str]:
-    """Canonical keys layer by layer, the order HF files are written in."""
-    per_layer = ["input_norm", "q", "k", "v", "o", "post_attn_norm", "gate", "up", "down"]
-    layers = [f"layers.{i}.{k}" for i in range(cfg.num_layers) for k in per_layer]
-    return ["embedding", *layers, "final_norm", "lm_head"]
 
 
 def write_hf(
@@ -244,8 +348,8 @@ def write_hf_stream(
     """
     if os.path.exists(path) and not overwrite:
         raise ConversionError(f"output {path} exists (pass --overwrite to replace it)")
-    if tokenizer is not None and not os.path.isfile(tokenizer):
-        raise ConversionError(f"tokenizer {tokenizer} does not exist")
+    if tokenizer is not None:
+        check_tokenizer(tokenizer, cfg)
     shapes = canonical_shapes(cfg)
     item = torch.empty((), dtype=dtype).element_size()
     shards: list[list[str]] = [[]]
@@ -306,26 +410,31 @@ def _fill_hf_dir(
     if len(shards) > 1:
         with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
             json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-    with open(os.path.join(tmp, "config.json"), "w") as f:
-        json.dump(hf_config_dict(cfg, dtype), f, indent=2)
-    with open(os.path.join(tmp, "generation_config.json"), "w") as f:
-        json.dump({"bos_token_id": 1, "eos_token_id": 2, "do_sample": False}, f, indent=2)
+    special = {"bos_token_id": None, "eos_token_id": None}
     if tokenizer is not None:
-        shutil.copyfile(tokenizer, os.path.join(tmp, "tokenizer.model"))
-        with open(os.path.join(tmp, "tokenizer_config.json"), "w") as f:
-            json.dump(
-                {
-                    "tokenizer_class": "LlamaTokenizer",
-                    "bos_token": "<s>",
-                    "eos_token": "</s>",
-                    "unk_token": "<unk>",
-                    "add_bos_token": True,
-                    "add_eos_token": False,
-                    "legacy": False,
-                    "model_max_length": cfg.seq_length,
-                },
-                f,
-                indent=2,
-            )
-        with open(os.path.join(tmp, "special_tokens_map.json"), "w") as f:
-            json.dump({"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}, f)
+        from megashear.data.tokenizer import export_tokenizer
+
+        info = export_tokenizer(tokenizer, tmp, cfg.seq_length)
+        special = {k: info.get(k) for k in special}
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+        json.dump(hf_config_dict(cfg, dtype, **special), f, indent=2)
+    with open(os.path.join(tmp, "generation_config.json"), "w") as f:
+        json.dump({**special, "do_sample": False}, f, indent=2)
+
+
+def check_tokenizer(tokenizer: str, cfg: ModelConfig) -> None:
+    """Raise :class:`ConversionError` unless ``tokenizer`` loads and covers exactly ``cfg``'s
+    vocabulary (a sentencepiece ``.model``, a ``tokenizer.json`` or a directory holding one)."""
+    from megashear.data.tokenizer import load_tokenizer
+
+    if not os.path.exists(tokenizer):
+        raise ConversionError(f"tokenizer {tokenizer} does not exist")
+    try:
+        vocab = load_tokenizer(tokenizer).vocab_size
+    except ValueError as exc:
+        raise ConversionError(str(exc)) from None
+    if vocab != cfg.vocab_size:
+        raise ConversionError(
+            f"tokenizer {tokenizer} has {vocab} tokens, the model's vocab_size is "
+            f"{cfg.vocab_size} (tokenizer/model mismatch)"
+        )

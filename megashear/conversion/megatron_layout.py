@@ -1,15 +1,11 @@
 """Canonical weights <-> full megatron-core ``GPTModel`` state dicts (local spec, TP1, unsharded).
 
-Canonical form (HF layout without prefixes, HF rotary order)::
-
-    embedding [v, h]            final_norm [h]            lm_head [v, h]
-    layers.{i}.input_norm [h]   layers.{i}.post_attn_norm [h]
-    layers.{i}.q [a*hn, h]  .k [g*hn, h]  .v [g*hn, h]  .o [h, a*hn]
-    layers.{i}.gate [f, h]  .up [f, h]  .down [h, f]
+The canonical form is :mod:`megashear.layout` (HF layout without prefixes, HF rotary order,
+vocabulary unpadded, no ``lm_head`` when tied).
 
 megatron-core (``get_gpt_layer_local_spec``; layouts read from megatron-core 0.16.1)::
 
-    embedding.word_embeddings.weight [v, h]      output_layer.weight [v, h]
+    embedding.word_embeddings.weight [v_pad, h]  output_layer.weight [v_pad, h] (absent if tied)
     decoder.final_layernorm.weight [h]
     decoder.layers.{i}.input_layernorm.weight [h]
     decoder.layers.{i}.self_attention.linear_qkv.weight [(a + 2g)*hn, h]
@@ -21,6 +17,10 @@ megatron-core (``get_gpt_layer_local_spec``; layouts read from megatron-core 0.1
     decoder.layers.{i}.mlp.linear_fc1.weight [2f, h] = [gate; up] (``MLP.forward`` chunks the
         fc1 output in two and applies ``silu(first) * second``)
     decoder.layers.{i}.mlp.linear_fc2.weight [h, f]
+
+``v_pad`` is :attr:`ModelConfig.padded_vocab_size`: the padded rows are zeros on the way in and
+dropped on the way out. With tied embeddings megatron-core's state dict has no output layer
+weight (the last pipeline stage's copy is saved under the embedding's key, as a replica).
 
 Rotary embeddings: megatron-core's default (``rotary_interleaved=False``) is HF's half-split
 order, so q and k rows are copied as they are.
@@ -72,13 +72,31 @@ def unpack_qkv(
     return q.reshape(-1, h), k.reshape(-1, h), v.reshape(-1, h)
 
 
+VOCAB_KEYS = ("embedding", "lm_head")
+
+
+def global_keys(cfg: ModelConfig) -> dict[str, str]:
+    """Canonical -> megatron name of the non-layer weights of ``cfg`` (no output layer if tied)."""
+    return {
+        ck: mk
+        for ck, mk in GLOBAL_KEYS.items()
+        if not (ck == "lm_head" and cfg.tie_word_embeddings)
+    }
+
+
+def pad_vocab(t: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    """``[v, h]`` -> ``[v_pad, h]`` with zero rows appended."""
+    extra = cfg.padded_vocab_size - t.shape[0]
+    return t if extra == 0 else torch.cat([t, t.new_zeros(extra, *t.shape[1:])])
+
+
 def megatron_tensor(
     name: str, get: Callable[[str], torch.Tensor], cfg: ModelConfig
 ) -> torch.Tensor:
     """One full megatron-core tensor, built from the canonical tensors ``get`` returns."""
-    for ck, mk in GLOBAL_KEYS.items():
+    for ck, mk in global_keys(cfg).items():
         if name == mk:
-            return get(ck)
+            return pad_vocab(get(ck), cfg) if ck in VOCAB_KEYS else get(ck)
     i = int(name.split(".")[2])
     p = f"layers.{i}."
     if name == QKV.format(i):
@@ -95,8 +113,10 @@ def canonical_tensor(
     key: str, get: Callable[[str], torch.Tensor], cfg: ModelConfig
 ) -> torch.Tensor:
     """One canonical tensor, cut from the full megatron-core tensors ``get`` returns."""
-    if key in GLOBAL_KEYS:
-        return get(GLOBAL_KEYS[key])
+    globals_ = global_keys(cfg)
+    if key in globals_:
+        t = get(globals_[key])
+        return t[: cfg.vocab_size] if key in VOCAB_KEYS else t
     _, i, ck = key.split(".", 2)
     if ck in LAYER_KEYS:
         return get(LAYER_KEYS[ck].format(i))
@@ -111,10 +131,11 @@ def canonical_to_megatron(
     weights: dict[str, torch.Tensor], cfg: ModelConfig
 ) -> dict[str, torch.Tensor]:
     """Canonical weights -> full megatron-core state dict (strict: every key used once)."""
-    used = len(GLOBAL_KEYS) + cfg.num_layers * (len(LAYER_KEYS) + 5)
+    globals_ = global_keys(cfg)
+    used = len(globals_) + cfg.num_layers * (len(LAYER_KEYS) + 5)
     if len(weights) != used:
         raise ValueError(f"canonical weights have {len(weights)} tensors, expected {used}")
-    names = list(GLOBAL_KEYS.values()) + [
+    names = list(globals_.values()) + [
         mk.format(i) for i in range(cfg.num_layers) for mk in (*LAYER_KEYS.values(), QKV, FC1)
     ]
     return {n: megatron_tensor(n, weights.__getitem__, cfg) for n in names}
@@ -124,10 +145,11 @@ def megatron_to_canonical(
     state: dict[str, torch.Tensor], cfg: ModelConfig
 ) -> dict[str, torch.Tensor]:
     """Full megatron-core state dict -> canonical weights (strict: every key used once)."""
-    used = len(GLOBAL_KEYS) + cfg.num_layers * (len(LAYER_KEYS) + 2)
+    globals_ = global_keys(cfg)
+    used = len(globals_) + cfg.num_layers * (len(LAYER_KEYS) + 2)
     if len(state) != used:
         raise ValueError(f"megatron state dict has {len(state)} tensors, expected {used}")
-    keys = list(GLOBAL_KEYS) + [
+    keys = list(globals_) + [
         f"layers.{i}.{ck}"
         for i in range(cfg.num_layers)
         for ck in (*LAYER_KEYS, "q", "k", "v", "gate", "up")

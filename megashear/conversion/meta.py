@@ -18,7 +18,14 @@ import os
 
 import torch
 
+from megashear.layout import canonical_shapes
 from megashear.model_config import ModelConfig
+
+PARAMS_KEYS = {
+    "dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of",
+    "ffn_dim_multiplier", "norm_eps", "rope_theta", "use_scaled_rope", "rope_scaling_factor",
+    "max_seq_len", "max_batch_size",
+}  # fmt: skip
 
 SPLIT_DIM = {
     "tok_embeddings": 1,
@@ -88,13 +95,17 @@ class MetaReader:
 
     def __init__(self, path: str, dtype: torch.dtype | None = None) -> None:
         from megashear.conversion.hf import ConversionError
-        from megashear.pruning.reference_forward import canonical_shapes
 
         params_path = os.path.join(path, "params.json")
         if not os.path.isfile(params_path):
             raise ConversionError(f"{params_path} does not exist")
         with open(params_path) as f:
             p = json.load(f)
+        unknown = sorted(set(p) - PARAMS_KEYS)
+        if unknown:
+            raise ConversionError(
+                f"{params_path}: key {unknown[0]!r} is not understood and may change the model"
+            )
         files = sorted(glob.glob(os.path.join(path, "consolidated.*.pth")))
         if not files:
             raise ConversionError(f"no consolidated.NN.pth shards in {path}")
@@ -106,6 +117,8 @@ class MetaReader:
         names = set(self.shards[0])
         if any(set(s) != names for s in self.shards):
             raise ConversionError("model-parallel shards hold different tensor names")
+        # Llama-3.2 1B/3B ship no ``output`` tensor: the LM head is the embedding.
+        tied = "output.weight" not in names
         dim, heads = p["dim"], p["n_heads"]
         vocab = p.get("vocab_size", -1)
         if vocab is None or vocab < 0:
@@ -120,6 +133,8 @@ class MetaReader:
             seq_length=p.get("max_seq_len", 4096),
             rotary_base=float(p.get("rope_theta", 10000.0)),
             norm_epsilon=float(p.get("norm_eps", 1e-5)),
+            tie_word_embeddings=tied,
+            **_meta_rope_scaling(p),
         )
         shapes = canonical_shapes(self.cfg)
         expected = {_meta_name(k): k for k in shapes}
@@ -153,9 +168,22 @@ class MetaReader:
         return t.to(self.dtype)
 
 
+def _meta_rope_scaling(p: dict) -> dict:
+    """``use_scaled_rope`` of Meta's Llama-3.1+ params: llama3 scaling with Meta's reference
+    constants (low 1, high 4, original context 8192; factor ``rope_scaling_factor``, else 8)."""
+    if not p.get("use_scaled_rope"):
+        return {}
+    return {
+        "rope_scaling": "llama3",
+        "rope_scaling_factor": float(p.get("rope_scaling_factor", 8.0)),
+        "rope_low_freq_factor": 1.0,
+        "rope_high_freq_factor": 4.0,
+        "rope_original_max_position_embeddings": 8192,
+    }
+
+
 def read_meta(path: str) -> tuple[dict[str, torch.Tensor], ModelConfig]:
     """Canonical weights (HF rotary order) and config of a Meta checkpoint directory."""
-    from megashear.pruning.reference_forward import canonical_shapes
 
     reader = MetaReader(path)
     return {k: reader(k) for k in canonical_shapes(reader.cfg)}, reader.cfg

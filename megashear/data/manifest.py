@@ -4,6 +4,11 @@ YAML written by ``tools/preprocess_data.py``::
 
     tokenizer: /path/tokenizer.model
     vocab_size: 32000
+    tokenizer_kind: sentencepiece   # or huggingface (a tokenizer.json)
+    bos_id: 1
+    eos_id: 2
+    add_bos: false                  # documents start with BOS
+    add_eos: true                   # documents end with EOS
     domains:
       - {name: web, train_prefix: data/web_train, valid_prefix: data/web_valid,
          weight: 0.67, reference_loss: 1.75}
@@ -11,6 +16,8 @@ YAML written by ``tools/preprocess_data.py``::
 
 Prefixes name megatron-core indexed datasets (``PREFIX.bin`` + ``PREFIX.idx``). Weights are
 normalised on load; ``reference_loss`` may be null (then only the constant update rule runs).
+The tokenizer fields after ``vocab_size`` are optional (null: not recorded, as in manifests
+written before they existed).
 """
 
 from __future__ import annotations
@@ -19,6 +26,9 @@ import os
 from dataclasses import asdict, dataclass, field
 
 import yaml
+
+# Manifest fields describing how documents were tokenized (all optional).
+TOKENIZER_FIELDS = ("tokenizer_kind", "bos_id", "eos_id", "add_bos", "add_eos")
 
 
 @dataclass
@@ -35,6 +45,11 @@ class Manifest:
     domains: list[Domain]
     tokenizer: str = ""
     vocab_size: int | None = None
+    tokenizer_kind: str | None = None
+    bos_id: int | None = None
+    eos_id: int | None = None
+    add_bos: bool | None = None
+    add_eos: bool | None = None
     path: str = field(default="", repr=False)
 
     @property
@@ -100,6 +115,7 @@ def load_manifest(path: str, check_files: bool = True) -> Manifest:
         domains,
         tokenizer=_resolve(base, data.get("tokenizer", "")),
         vocab_size=data.get("vocab_size"),
+        **{k: data.get(k) for k in TOKENIZER_FIELDS},
         path=path,
     )
     m.validate(check_files)
@@ -111,6 +127,7 @@ def save_manifest(m: Manifest, path: str) -> None:
     data = {
         "tokenizer": m.tokenizer,
         "vocab_size": m.vocab_size,
+        **{k: getattr(m, k) for k in TOKENIZER_FIELDS},
         "domains": [asdict(d) for d in m.domains],
     }
     tmp = f"{path}.tmp.{os.getpid()}"

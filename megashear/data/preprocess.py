@@ -1,11 +1,13 @@
 """JSON Lines per domain -> megatron-core indexed datasets (train + validation) + a manifest.
 
 Input: one file per domain (``NAME.jsonl``, ``.jsonl.gz`` or ``.jsonl.xz``) whose lines are JSON
-objects with a string ``text``. Every document is tokenized (in worker processes, order kept)
-and written with EOS appended. The first ``valid_tokens`` tokens of each domain's stream are
-held out for validation (a document straddling the cut is split there), the rest is for
-training. Malformed lines (bad JSON, no string ``text``) are counted per domain. Outputs are
-written under temporary names and renamed at the end.
+objects with a string ``text``. Every document is tokenized (in worker processes, order kept) by
+the ``encode_document`` of :func:`megashear.data.tokenizer.load_tokenizer` (a sentencepiece model
+or an HF ``tokenizer.json``; EOS appended, BOS as the tokenizer's settings say). The first
+``valid_tokens`` tokens of each domain's stream are held out for validation (a document
+straddling the cut is split there), the rest is for training. Malformed lines (bad JSON, no
+string ``text``) are counted per domain. Outputs are written under temporary names and renamed
+at the end.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
-_SP = None
+_TOKENIZER = None
 
 
 def open_text(path: str):
@@ -83,11 +85,13 @@ class DomainStats:
     bad_examples: list[str] = field(default_factory=list)
 
 
-def _init_worker(model_path: str) -> None:
-    global _SP
-    import sentencepiece as spm
+def _init_worker(path: str, options: dict) -> None:
+    global _TOKENIZER
+    from megashear.data.tokenizer import load_tokenizer
 
-    _SP = spm.SentencePieceProcessor(model_file=model_path)
+    # the main process has loaded it already and reported any warning
+    logging.getLogger("megashear.data.tokenizer").setLevel(logging.ERROR)
+    _TOKENIZER = load_tokenizer(path, **options)
 
 
 def _encode(line: str) -> tuple[list[int] | None, int]:
@@ -98,7 +102,7 @@ def _encode(line: str) -> tuple[list[int] | None, int]:
     text = doc.get("text") if isinstance(doc, dict) else None
     if not isinstance(text, str):
         return None, len(line)
-    return _SP.encode(text) + [_SP.eos_id()], len(text.encode("utf-8"))
+    return _TOKENIZER.encode_document(text), len(text.encode("utf-8"))
 
 
 def _lines(path: str, max_bytes: int | None = None) -> Iterator[str]:
@@ -121,10 +125,20 @@ def preprocess_domain(
     workers: int = 2,
     progress=None,
     max_bytes: int | None = None,
+    tokenizer_options: dict | None = None,
 ) -> DomainStats:
     """Tokenize one domain into ``{out_prefix}_train`` and ``{out_prefix}_valid`` datasets.
 
-    ``max_bytes`` stops after that many bytes of input lines (for samples of large domains).
+    Args:
+        path: the domain's JSON Lines file.
+        out_prefix: output prefix (``{out_prefix}_train.bin`` etc.).
+        tokenizer: a tokenizer path as :func:`~megashear.data.tokenizer.load_tokenizer` takes.
+        valid_tokens: tokens held out for validation at the start of the stream.
+        workers: tokenizer worker processes.
+        progress: a tqdm-like object updated with the bytes of text done.
+        max_bytes: stop after that many bytes of input lines (samples of large domains).
+        tokenizer_options: ``bos``/``eos``/``add_bos``/``add_eos`` overrides for
+            ``load_tokenizer``.
     """
     import torch
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
@@ -134,7 +148,9 @@ def preprocess_domain(
     builders = {
         split: IndexedDatasetBuilder(p + ".bin", dtype=np.int32) for split, p in tmp.items()
     }
-    with mp.get_context("spawn").Pool(workers, _init_worker, (tokenizer,)) as pool:
+    with mp.get_context("spawn").Pool(
+        workers, _init_worker, (tokenizer, dict(tokenizer_options or {}))
+    ) as pool:
         # The pool drains its whole input (no early break: terminating a pool whose feeder
         # thread is still reading can hang), so the input itself stops at max_bytes.
         lines = _lines(path, max_bytes)

@@ -1,10 +1,18 @@
 """LLaMA on megatron-core: ``TransformerConfig`` from a :class:`ModelConfig`, and the model.
 
 The model is megatron-core's ``GPTModel`` with RMSNorm, SwiGLU, rotary embeddings
-(non-interleaved, HF order), grouped-query attention, no biases and untied embeddings. The layer
-spec is megatron-core's own: the TransformerEngine spec when TE imports, else the local spec with
-:class:`SDPACoreAttention` as its core attention. The vocabulary is never padded, so logits and
-checkpoints match Hugging Face's exactly; it must divide by the TP size.
+(non-interleaved, HF order), grouped-query attention and no biases. The layer spec is
+megatron-core's own: the TransformerEngine spec when TE imports, else the local spec with
+:class:`SDPACoreAttention` as its core attention.
+
+- Tied embeddings use megatron-core's ``share_embeddings_and_output_weights``: under pipeline
+  parallelism the last stage holds a copy of the embedding whose gradient megatron-core
+  all-reduces with the first stage's (``finalize_model_grads``).
+- The embedding and output layer hold ``padded_vocab_size`` rows ``[v_pad/tp, h]`` per TP rank;
+  the logits of the padded rows are set to ``-inf`` by a forward hook on the output layer, so
+  they never enter the softmax, the loss or its gradient, and losses equal Hugging Face's.
+- Llama-3 RoPE scaling: the inverse frequencies are computed by :mod:`megashear.rope` from the
+  model's own factors and installed into megatron-core's ``RotaryEmbedding``.
 """
 
 from __future__ import annotations
@@ -46,10 +54,16 @@ def validate_layout(cfg: ModelConfig, par: ParallelConfig, world_size: int) -> N
         ("num_attention_heads", cfg.num_attention_heads),
         ("num_query_groups", cfg.num_query_groups),
         ("ffn_hidden_size", cfg.ffn_hidden_size),
-        ("vocab_size", cfg.vocab_size),
     ):
         if value % par.tp:
             raise ValueError(f"{name}={value} is not divisible by tensor parallel size {par.tp}")
+    if cfg.padded_vocab_size % par.tp:
+        raise ValueError(
+            f"padded vocabulary {cfg.padded_vocab_size} (vocab_size={cfg.vocab_size} padded to a "
+            f"multiple of make_vocab_size_divisible_by={cfg.make_vocab_size_divisible_by}) is "
+            f"not divisible by tensor parallel size {par.tp}; set "
+            f"model.make_vocab_size_divisible_by to a multiple of {par.tp}"
+        )
     if cfg.num_attention_heads % cfg.num_query_groups:
         raise ValueError(
             f"num_attention_heads={cfg.num_attention_heads} is not a multiple of "
@@ -149,18 +163,45 @@ def build_model_chunk(
     kwargs = {}
     if vp_stage is not None:
         kwargs["vp_stage"] = vp_stage
-    return GPTModel(
+    chunk = GPTModel(
         config=tconfig,
         transformer_layer_spec=spec if spec is not None else layer_spec(),
-        vocab_size=cfg.vocab_size,
+        vocab_size=cfg.padded_vocab_size,
         max_sequence_length=cfg.seq_length,
         pre_process=pre_process,
         post_process=post_process,
-        share_embeddings_and_output_weights=False,
+        share_embeddings_and_output_weights=cfg.tie_word_embeddings,
         position_embedding_type="rope",
         rotary_base=int(cfg.rotary_base),
         **kwargs,
     )
+    if cfg.rope_scaling != "none":
+        from megashear.rope import rotary_inv_freq
+
+        chunk.rotary_pos_emb.inv_freq = rotary_inv_freq(cfg).float()
+    if post_process and cfg.padded_vocab_size != cfg.vocab_size:
+        mask_padded_logits(chunk.output_layer, cfg.vocab_size)
+    return chunk
+
+
+def mask_padded_logits(output_layer: torch.nn.Module, vocab_size: int) -> None:
+    """Set the logits of padded vocabulary rows to ``-inf`` on this TP rank's slice.
+
+    The output layer returns ``(logits, bias)`` with logits ``[s, b, v_pad/tp]`` covering
+    vocabulary ids ``[rank * v_pad/tp, (rank + 1) * v_pad/tp)``.
+    """
+    from megatron.core import parallel_state as ps
+
+    def hook(module, args, output):
+        logits, bias = output
+        width = logits.shape[-1]
+        start = ps.get_tensor_model_parallel_rank() * width
+        if start + width <= vocab_size:
+            return output
+        padded = torch.arange(start, start + width, device=logits.device) >= vocab_size  # [v/tp]
+        return logits.masked_fill(padded, float("-inf")), bias
+
+    output_layer.register_forward_hook(hook)
 
 
 def build_model(cfg: ModelConfig, tconfig, spec=None) -> list[torch.nn.Module]:

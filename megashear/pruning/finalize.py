@@ -1,6 +1,6 @@
 """Finalisation: deterministic masks -> a dense LLaMA of the target shape (REFERENCE §4).
 
-Works on canonical full (unsharded) weights (layout in :mod:`.reference_forward`) and on mask
+Works on canonical full (unsharded) weights (layout in :mod:`megashear.layout`) and on mask
 dicts of full tensors (layout in :mod:`.hard_concrete`; soft values on survivors, 0 on pruned
 entries, absent kinds all ones). Weights may live on ``torch.device("meta")``: only the masks
 need values, so a 7B plan can be checked without allocating it.
@@ -11,6 +11,9 @@ Folding the survivors' soft values (so that the pruned model equals the masked m
   ``[H] · z_H``; the output rows of ``o`` and ``down`` ``· z_H``. The LM head is only sliced: its
   input is the final norm's output, already scaled through the final norm weight (the reference
   code scales the LM head a second time, which its own comment calls a bug; not reproduced).
+  With tied embeddings the one matrix is both: it carries ``z_H`` (for the embedding), so the
+  final norm weight is only sliced, and the logits ``(norm·w)·(E·z_H)ᵀ = (norm·w·z_H)·Eᵀ`` are the
+  masked model's. The finalised model stays tied.
 - ``head``: the input columns of ``o`` for that head. REFERENCE §4 folds it into the value rows,
   which is identical for MHA; with GQA a value head is shared by the group's query heads, so
   the per-query-head scale can only go to ``o``'s columns.
@@ -24,48 +27,39 @@ kept dims, so the two agree. Every kept layer must keep the same number of heads
 (each with the same number of heads) and FFN units; otherwise a ``ValueError`` is raised.
 
 The reference forwards that define "equal" (``masked_llama_forward``, ``llama_forward``) live in
-:mod:`.reference_forward` and are re-exported here.
+:mod:`.reference_forward`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import torch
 
+from megashear.layout import canonical_shapes
 from megashear.model_config import ModelConfig
 from megashear.pruning import hard_concrete as hc
-from megashear.pruning.reference_forward import (
-    canonical_shapes,
-    init_canonical_weights,
-    llama_forward,
-    masked_llama_forward,
-)
 from megashear.pruning.targets import target_sizes, validate_target
 
 logger = logging.getLogger(__name__)
 
-__all__ = [
-    "canonical_shapes",
-    "count_parameters",
-    "finalization_masks",
-    "finalization_plan",
-    "finalize",
-    "init_canonical_weights",
-    "llama_forward",
-    "masked_llama_forward",
-]
 
-
-def count_parameters(cfg: ModelConfig) -> int:
-    """Number of parameters of ``cfg`` counted from its canonical weight shapes."""
-    total = 0
-    for shape in canonical_shapes(cfg).values():
-        n = 1
-        for d in shape:
-            n *= d
-        total += n
-    return total
+def finalized_config(
+    source: ModelConfig, layers: int, hidden: int, heads: int, groups: int, ffn: int
+) -> ModelConfig:
+    """The source's config at the pruned sizes: the head dim, vocabulary, tie, RoPE and norm
+    settings are inherited."""
+    hn = source.head_dim
+    return dataclasses.replace(
+        source,
+        num_layers=layers,
+        hidden_size=hidden,
+        num_attention_heads=heads,
+        num_query_groups=groups,
+        ffn_hidden_size=ffn,
+        kv_channels=None if hidden == heads * hn else hn,
+    )
 
 
 def finalization_plan(source: ModelConfig, target: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -74,24 +68,12 @@ def finalization_plan(source: ModelConfig, target: ModelConfig) -> dict[str, tup
     The head dim is the source's; counts come from ``target`` (validated against ``source``).
     """
     validate_target(source, target)
-    hn, v = source.head_dim, source.vocab_size
-    h, a, g = target.hidden_size, target.num_attention_heads, target.num_query_groups
-    f = target.ffn_hidden_size
-    plan: dict[str, tuple[int, ...]] = {"embedding": (v, h)}
-    for i in range(target.num_layers):
-        p = f"layers.{i}."
-        plan[p + "input_norm"] = (h,)
-        plan[p + "q"] = (a * hn, h)
-        plan[p + "k"] = (g * hn, h)
-        plan[p + "v"] = (g * hn, h)
-        plan[p + "o"] = (h, a * hn)
-        plan[p + "post_attn_norm"] = (h,)
-        plan[p + "gate"] = (f, h)
-        plan[p + "up"] = (f, h)
-        plan[p + "down"] = (h, f)
-    plan["final_norm"] = (h,)
-    plan["lm_head"] = (v, h)
-    return plan
+    t = target
+    cfg = finalized_config(
+        source, t.num_layers, t.hidden_size, t.num_attention_heads, t.num_query_groups,
+        t.ffn_hidden_size,
+    )  # fmt: skip
+    return canonical_shapes(cfg)
 
 
 def finalization_masks(
@@ -222,22 +204,15 @@ def finalize(
         down = take(take(weights[src + "down"], 0, hidden), 1, ffn)
         gate = p["mlp_gate"]
         out[dst + "down"] = scale(down if gate == 1.0 else down * gate, z_h, 0)
-    out["final_norm"] = norm(weights["final_norm"])
-    out["lm_head"] = take(weights["lm_head"], 1, hidden)
+    if source.tie_word_embeddings:
+        # the shared matrix already carries z_H (see the module docstring)
+        out["final_norm"] = take(weights["final_norm"], 0, hidden)
+    else:
+        out["final_norm"] = norm(weights["final_norm"])
+        out["lm_head"] = take(weights["lm_head"], 1, hidden)
 
     h = hidden.numel()
-    cfg = ModelConfig(
-        num_layers=len(kept_layers),
-        hidden_size=h,
-        num_attention_heads=n_heads,
-        num_query_groups=n_groups,
-        ffn_hidden_size=n_ffn,
-        vocab_size=source.vocab_size,
-        kv_channels=None if h == n_heads * hn else hn,
-        seq_length=source.seq_length,
-        rotary_base=source.rotary_base,
-        norm_epsilon=source.norm_epsilon,
-    )
+    cfg = finalized_config(source, len(kept_layers), h, n_heads, n_groups, n_ffn)
     if target is not None:
         fields = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups")
         for field in (*fields, "ffn_hidden_size", "head_dim"):

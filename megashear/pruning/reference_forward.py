@@ -1,24 +1,8 @@
 """Pure-torch LLaMA forward on canonical weights, plain and under hard-concrete masks.
 
 This is the executable definition of what the masks mean (REFERENCE §2), used to test
-finalisation; it is not a training path.
-
-Canonical full (unsharded) weights, HF layout without prefixes, HF (non-interleaved) rotary:
-
-==============================  ============  =================================================
-key                             shape         notes
-==============================  ============  =================================================
-``embedding``                   ``[v, h]``
-``layers.{i}.input_norm``       ``[h]``
-``layers.{i}.q``                ``[a*hn, h]`` rows ``j*hn:(j+1)*hn`` are query head ``j``
-``layers.{i}.k``, ``.v``        ``[g*hn, h]`` query head ``j`` uses group ``j // (a/g)``
-``layers.{i}.o``                ``[h, a*hn]``
-``layers.{i}.post_attn_norm``   ``[h]``
-``layers.{i}.gate``, ``.up``    ``[f, h]``
-``layers.{i}.down``             ``[h, f]``
-``final_norm``                  ``[h]``
-``lm_head``                     ``[v, h]``
-==============================  ============  =================================================
+finalisation; it is not a training path. Weights are canonical (:mod:`megashear.layout`); a tied
+model has no ``lm_head`` and uses the embedding as its LM head.
 
 Masks (see :mod:`.hard_concrete`): a dict kind -> full tensor; absent kinds are all ones.
 """
@@ -30,50 +14,9 @@ import math
 import torch
 import torch.nn.functional as F
 
+from megashear.layout import lm_head
 from megashear.model_config import ModelConfig
-
-
-def canonical_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Key -> shape of the canonical weights of ``cfg``."""
-    h, f, v = cfg.hidden_size, cfg.ffn_hidden_size, cfg.vocab_size
-    a, g, hn = cfg.num_attention_heads, cfg.num_query_groups, cfg.head_dim
-    shapes: dict[str, tuple[int, ...]] = {"embedding": (v, h)}
-    for i in range(cfg.num_layers):
-        p = f"layers.{i}."
-        shapes.update(
-            {
-                p + "input_norm": (h,),
-                p + "q": (a * hn, h),
-                p + "k": (g * hn, h),
-                p + "v": (g * hn, h),
-                p + "o": (h, a * hn),
-                p + "post_attn_norm": (h,),
-                p + "gate": (f, h),
-                p + "up": (f, h),
-                p + "down": (h, f),
-            }
-        )
-    shapes["final_norm"] = (h,)
-    shapes["lm_head"] = (v, h)
-    return shapes
-
-
-def init_canonical_weights(
-    cfg: ModelConfig,
-    generator: torch.Generator | None = None,
-    dtype: torch.dtype = torch.float32,
-    device: torch.device | str = "cpu",
-    std: float = 0.1,
-) -> dict[str, torch.Tensor]:
-    """Random canonical weights (norm weights near 1); ``device="meta"`` allocates nothing."""
-    out = {}
-    for key, shape in canonical_shapes(cfg).items():
-        if str(device) == "meta":
-            out[key] = torch.empty(shape, dtype=dtype, device="meta")
-            continue
-        w = torch.randn(shape, generator=generator, dtype=dtype) * std
-        out[key] = (w + 1.0 if key.endswith("norm") else w).to(device)
-    return out
+from megashear.rope import rotary_inv_freq
 
 
 def rms_norm(
@@ -90,10 +33,10 @@ def rms_norm(
 
 
 def rotary_cos_sin(
-    seq_len: int, head_dim: int, base: float, dtype: torch.dtype
+    seq_len: int, cfg: ModelConfig, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """HF-style (non-interleaved) RoPE tables ``cos, sin``: ``[s, hn]`` each."""
-    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    inv_freq = rotary_inv_freq(cfg)  # [hn/2]
     freqs = torch.outer(torch.arange(seq_len, dtype=torch.float64), inv_freq)  # [s, hn/2]
     emb = torch.cat([freqs, freqs], dim=-1)  # [s, hn]
     return emb.cos().to(dtype), emb.sin().to(dtype)
@@ -118,7 +61,7 @@ def _attention(
     k = (x @ w[prefix + "k"].T).view(b, s, -1, hn).transpose(1, 2)  # [b, g, s, hn]
     v = (x @ w[prefix + "v"].T).view(b, s, -1, hn).transpose(1, 2)  # [b, g, s, hn]
     a, g = q.shape[1], k.shape[1]
-    cos, sin = rotary_cos_sin(s, hn, cfg.rotary_base, x.dtype)
+    cos, sin = rotary_cos_sin(s, cfg, x.dtype)
     q = q * cos + _rotate_half(q) * sin
     k = k * cos + _rotate_half(k) * sin
     k = k.repeat_interleave(a // g, dim=1)  # [b, a, s, hn]
@@ -173,7 +116,7 @@ def masked_llama_forward(
                 y = y * gate
         x = x + y
     x = rms_norm(x, weights["final_norm"], eps, z_hidden)
-    return x @ weights["lm_head"].T
+    return x @ lm_head(weights).T
 
 
 def llama_forward(
@@ -187,7 +130,7 @@ def llama_forward(
     hn, eps = cfg.head_dim, cfg.norm_epsilon
     b, s = tokens.shape
     x = F.embedding(tokens, weights["embedding"])  # [b, s, h]
-    cos, sin = rotary_cos_sin(s, hn, cfg.rotary_base, x.dtype)
+    cos, sin = rotary_cos_sin(s, cfg, x.dtype)
     for i in range(cfg.num_layers):
         p = f"layers.{i}."
         y = F.rms_norm(x, (x.shape[-1],), weights[p + "input_norm"], eps)
@@ -204,4 +147,4 @@ def llama_forward(
         act = F.silu(F.linear(y, weights[p + "gate"])) * F.linear(y, weights[p + "up"])
         x = x + F.linear(act, weights[p + "down"])
     x = F.rms_norm(x, (x.shape[-1],), weights["final_norm"], eps)
-    return F.linear(x, weights["lm_head"])
+    return F.linear(x, lm_head(weights))

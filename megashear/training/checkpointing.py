@@ -158,22 +158,16 @@ def _rng_sharded_object(is_loading: bool = False):
 
 
 def check_model_config(meta: dict, cfg: ModelConfig, ckpt_dir: str) -> None:
-    """Raise :class:`CheckpointError` if the checkpoint's model shape differs from ``cfg``."""
+    """Raise :class:`CheckpointError` if the checkpoint's model differs from ``cfg`` in any
+    weight-defining field (every field but ``seq_length``)."""
+    from megashear.model_config import model_differences
+
     saved = ModelConfig.from_dict(meta["model"])
-    fields = (
-        "num_layers",
-        "hidden_size",
-        "num_attention_heads",
-        "num_query_groups",
-        "ffn_hidden_size",
-        "vocab_size",
-        "head_dim",
-    )
-    diffs = [
-        f"{f}: checkpoint {getattr(saved, f)} != config {getattr(cfg, f)}"
-        for f in fields
-        if getattr(saved, f) != getattr(cfg, f)
-    ]
+    diffs = []
+    for diff in model_differences(saved, cfg):  # "field: saved != cfg"
+        name, values = diff.split(": ", 1)
+        in_ckpt, in_cfg = values.split(" != ", 1)
+        diffs.append(f"{name}: checkpoint {in_ckpt} != config {in_cfg}")
     if diffs:
         raise CheckpointError(
             f"checkpoint {ckpt_dir} is of another model shape ({'; '.join(diffs)})"

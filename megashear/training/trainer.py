@@ -363,6 +363,8 @@ class Trainer:
         from megatron.core.pipeline_parallel import get_forward_backward_func
         from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
+        vocab = self.model_cfg.vocab_size
+
         def step(data_iterator, model):
             mb = next(data_iterator)
             tokens = mb["tokens"].to(platform.default_device())
@@ -370,8 +372,9 @@ class Trainer:
             out = model(tokens, pos, None)
 
             def collect(output, non_loss_data=False):
-                # [b, s, v/tp] -> [b, s, v]
-                return gather_from_tensor_model_parallel_region(output).float()
+                # [b, s, v_pad/tp] -> [b, s, v] (the vocabulary padding dropped)
+                full = gather_from_tensor_model_parallel_region(output)
+                return full[..., :vocab].float()
 
             return out, collect
 

@@ -290,3 +290,83 @@ def test_meta_checkpoint_converts_to_the_same_model(tmp_path, name):
     a = load_file(tmp_path / "hf" / "model.safetensors")
     b = load_file(tmp_path / "back" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _write_config(path: Path, **overrides) -> Path:
+    base = dict(
+        model_type="llama",
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=256,
+    )
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps({**base, **overrides}))
+    return path
+
+
+def test_config_reading_takes_rope_settings_from_either_place(tmp_path):
+    """transformers 5's ``rope_parameters`` and the older top-level ``rope_theta`` +
+    ``rope_scaling`` (with ``type`` or ``rope_type``) give the same config."""
+    from megashear.conversion.hf import config_from_hf
+
+    scaling = {"factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192}  # fmt: skip
+    new = config_from_hf(
+        str(_write_config(tmp_path / "new", rope_parameters={"rope_type": "llama3",
+                                                             "rope_theta": 5e5, **scaling}))
+    )  # fmt: skip
+    old = config_from_hf(
+        str(_write_config(tmp_path / "old", rope_theta=5e5,
+                          rope_scaling={"rope_type": "llama3", **scaling}))
+    )  # fmt: skip
+    older = config_from_hf(
+        str(_write_config(tmp_path / "older", rope_theta=5e5,
+                          rope_scaling={"type": "llama3", **scaling}))
+    )  # fmt: skip
+    assert new == old == older
+    assert (new.rotary_base, new.rope_scaling, new.rope_scaling_factor) == (5e5, "llama3", 32.0)
+    base_only = config_from_hf(
+        str(_write_config(tmp_path / "b", rope_parameters={"rope_type": "default",
+                                                           "rope_theta": 1e5}))
+    )  # fmt: skip
+    assert base_only.rotary_base == 1e5 and base_only.rope_scaling == "none"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"rope_theta": 1e4, "rope_parameters": {"rope_type": "default", "rope_theta": 5e5}},
+         "contradicts the top-level rope settings"),
+        ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}},
+         "rope_scaling llama3 lacks"),
+        ({"rope_parameters": {"rope_type": "dynamic", "rope_theta": 1e4, "factor": 2.0}},
+         "rope type 'dynamic' is not supported"),
+        ({"rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "mrope": [1]}},
+         "rope setting 'mrope' is not understood"),
+        ({"sliding_window": 128}, "key 'sliding_window' is not understood"),
+        ({"attention_bias": True}, "biases are not supported"),
+        ({"hidden_act": "gelu"}, "hidden_act 'gelu' is not supported"),
+        ({"model_type": "mistral"}, "is not 'llama'"),
+    ],
+)  # fmt: skip
+def test_config_that_would_change_the_model_is_refused(tmp_path, overrides, message):
+    from megashear.conversion.hf import ConversionError, config_from_hf
+
+    with pytest.raises(ConversionError, match=message) as info:
+        config_from_hf(str(_write_config(tmp_path, **overrides)))
+    assert "\n" not in str(info.value)
+
+
+def test_export_refuses_a_tokenizer_of_another_vocabulary(tmp_path, smollm2_hf):
+    """A 49152-token tokenizer shipped with a 256-token model: one line, nothing written."""
+    from megashear.conversion.hf import ConversionError, write_hf
+    from megashear.layout import init_canonical_weights
+    from megashear.model_config import ModelConfig
+
+    cfg = ModelConfig(2, 32, 2, 2, 64, 256)
+    with pytest.raises(ConversionError, match="has 49152 tokens, the model's vocab_size is 256"):
+        write_hf(init_canonical_weights(cfg), cfg, str(tmp_path / "out"), tokenizer=str(smollm2_hf))
+    assert not (tmp_path / "out").exists() and not list(tmp_path.iterdir())

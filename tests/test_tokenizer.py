@@ -269,10 +269,10 @@ def test_sentencepiece_through_the_same_interface(tmp_path):
     sp = spm.SentencePieceProcessor(model_file=path)
     tok = load_tokenizer(path)
     assert (tok.kind, tok.vocab_size, tok.bos_id, tok.eos_id) == ("sentencepiece", 400, 1, 2)
-    assert (tok.add_bos, tok.add_eos) == (False, True)  # as preprocessing always wrote the data
-    assert tok.encode_document(SENTENCE) == sp.encode(SENTENCE) + [2]
-    tok = load_tokenizer(path, add_bos=True, eos="<unk>")
-    assert tok.encode_document(SENTENCE) == [1] + sp.encode(SENTENCE) + [0]
+    assert (tok.add_bos, tok.add_eos) == (True, True)  # LLaMA-2's <s> ... </s>
+    assert tok.encode_document(SENTENCE) == [1] + sp.encode(SENTENCE) + [2]
+    tok = load_tokenizer(path, add_bos=False, eos="<unk>")
+    assert tok.encode_document(SENTENCE) == sp.encode(SENTENCE) + [0]
     with pytest.raises(ValueError, match=re.escape("has no token '<|endoftext|>'")):
         load_tokenizer(path, eos="<|endoftext|>")
     # export: exactly the files hf.py has always written

@@ -4,7 +4,7 @@
     python tools/convert_checkpoint.py hf-to-megatron --load HF_DIR --save MEGATRON_DIR \\
         [--tp N --pp M] [--dtype fp32|bf16|fp16] [--overwrite]
     python tools/convert_checkpoint.py megatron-to-hf --load MEGATRON_DIR --save HF_DIR \\
-        [--tokenizer tokenizer.model] [--dtype ...] [--overwrite]
+        [--tokenizer tokenizer.model|tokenizer.json|HF_DIR] [--dtype ...] [--overwrite]
     python tools/convert_checkpoint.py meta-to-megatron --load META_DIR --save MEGATRON_DIR \\
         [--tp N --pp M]
     python tools/convert_checkpoint.py reshard --load MEGATRON_DIR --save OUT [--tp N --pp M]
@@ -19,6 +19,8 @@ dist_checkpointing), so one checkpoint loads at any TP/PP layout. ``--tp/--pp`` 
 against the model (heads, groups, FFN and vocab divisible by TP; layers by PP), the chunks on
 disk are cut the way those TP ranks hold them, and the layout is recorded; ``reshard`` rewrites
 a checkpoint for another layout. The stored dtype is the source's unless ``--dtype`` is given.
+Hugging Face configs are read strictly (tied embeddings, ``rope_theta`` or ``rope_parameters``,
+llama3 rope scaling; any key that would change the model and is not understood is refused).
 Bad input gives a one-line error, exit code 2, and no partial output (outputs are written under
 a temporary name and renamed at the end).
 """
@@ -149,7 +151,11 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--tp", type=int, default=1)
             p.add_argument("--pp", type=int, default=1)
         else:
-            p.add_argument("--tokenizer", help="sentencepiece tokenizer.model to ship")
+            p.add_argument(
+                "--tokenizer",
+                help="tokenizer to ship: a sentencepiece .model, a tokenizer.json or an HF "
+                "directory holding one; its vocabulary must equal the model's",
+            )
     args = parser.parse_args(argv)
     if not os.path.exists(args.load):
         print(f"error: --load {args.load} does not exist", file=sys.stderr)

@@ -10,7 +10,9 @@ STAGE=${1:-all}
 
 HF_DIR=${HF_DIR:-/models/Meta-Llama-3-8B}          # a local Hugging Face checkpoint
 RAW_DATA=${RAW_DATA:-/data/redpajama}              # one JSONL(.gz/.xz) file per domain
-TOKENIZER=${TOKENIZER:-$HF_DIR/tokenizer.model}
+# the HF directory: its tokenizer.json (LLaMA-3 ships no sentencepiece model; its original
+# tokenizer.model is tiktoken format, which preprocess_data.py refuses with a one-line error)
+TOKENIZER=${TOKENIZER:-$HF_DIR}
 
 CONVERT_ARGS=(--load "$HF_DIR" --save ckpt/llama3-8b-megatron --tp 2 --pp 2)
 DATA_ARGS=(--input "$RAW_DATA" --tokenizer "$TOKENIZER" --output-dir data/redpajama

@@ -10,9 +10,9 @@ document's BOS/EOS made explicit:
 * EOS is appended as the document separator (megatron's ``--append-eod``) whenever the tokenizer
   has an EOS token. An ``add_eos_token: false`` in ``tokenizer_config.json`` does not turn it off
   (that setting is about prompts at inference); only ``add_eos=False`` does.
-* BOS: a sentencepiece model's BOS is *not* prepended by default, so that the token streams of
-  data made before this module stay the same (``add_bos=True`` gives megatron's LLaMA-2 layout,
-  ``<s> ... </s>``). An HF tokenizer's BOS is prepended when
+* BOS: a sentencepiece model's BOS is prepended when it has one, as LLaMA-2 was trained and as
+  transformers' ``LlamaTokenizer`` does (``add_bos_token`` defaults to true): documents read
+  ``<s> ... </s>``. An HF tokenizer's BOS is prepended when
   ``tokenizer_config.json`` says ``add_bos_token: true``, or, without that key, when the
   ``tokenizer.json`` post-processor itself prepends BOS (as LLaMA-3's does).
 * Text is encoded without special tokens, and special-token text inside a document (a literal
@@ -123,7 +123,7 @@ class Tokenizer:
 class SentencePieceTokenizer(Tokenizer):
     """A sentencepiece ``.model`` (LLaMA / LLaMA-2 style: ``<unk>`` 0, ``<s>`` 1, ``</s>`` 2).
 
-    Default policy: EOS appended, no BOS (as preprocessing has always written these data).
+    Default policy: BOS prepended and EOS appended when the model has them (LLaMA-2's layout).
     """
 
     kind = SENTENCEPIECE
@@ -154,7 +154,7 @@ class SentencePieceTokenizer(Tokenizer):
             self.sp.get_piece_size(),
             bos,
             eos,
-            add_bos=False if add_bos is None else add_bos,
+            add_bos=(bos is not None) if add_bos is None else add_bos,
             add_eos=(eos is not None) if add_eos is None else add_eos,
         )
         self.unk_token = self.sp.id_to_piece(self.sp.unk_id()) if self.sp.unk_id() >= 0 else None

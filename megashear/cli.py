@@ -20,7 +20,7 @@ import time
 from megashear import config_io
 from megashear.config import RunConfig
 from megashear.config_io import ConfigError
-from megashear.model_config import WEIGHT_FIELDS, ModelConfig, get_preset
+from megashear.model_config import WEIGHT_FIELDS, ModelConfig, get_preset, model_differences
 
 logger = logging.getLogger("megashear")
 
@@ -88,15 +88,12 @@ def _checkpoint_model(
         "model": config_io.merge(saved.to_dict(), preset_model.to_dict() if preset_model else {})
     }
     merged = config_io.resolve(RunConfig, args.config, args, base=base).model
+    differing = {d.split(":")[0] for d in model_differences(merged, saved)}
     contradictions = []
     for name in WEIGHT_FIELDS:
-        if name not in given:
-            continue
-        if name == "kv_channels":
-            name_shown, ours, theirs = "head_dim", merged.head_dim, saved.head_dim
-        else:
-            name_shown, ours, theirs = name, getattr(merged, name), getattr(saved, name)
-        if ours != theirs:
+        name_shown = "head_dim" if name == "kv_channels" else name
+        if name in given and name_shown in differing:
+            theirs = getattr(saved, name_shown)
             contradictions.append((given[name], f"{name_shown} {config_io.format_value(theirs)}"))
     if contradictions:
         sources = list(dict.fromkeys(source for source, _ in contradictions))

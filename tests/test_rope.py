@@ -14,16 +14,9 @@ def _transformers_inv_freq(cfg: ModelConfig) -> torch.Tensor:
     from transformers import LlamaConfig
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    rope = {"rope_type": "default", "rope_theta": cfg.rotary_base}
-    if cfg.rope_scaling == "llama3":
-        rope = {
-            "rope_type": "llama3",
-            "rope_theta": cfg.rotary_base,
-            "factor": cfg.rope_scaling_factor,
-            "low_freq_factor": cfg.rope_low_freq_factor,
-            "high_freq_factor": cfg.rope_high_freq_factor,
-            "original_max_position_embeddings": cfg.rope_original_max_position_embeddings,
-        }
+    from megashear.conversion.hf import hf_rope_parameters
+
+    rope = hf_rope_parameters(cfg)
     hf = LlamaConfig(
         hidden_size=cfg.hidden_size,
         num_attention_heads=cfg.num_attention_heads,

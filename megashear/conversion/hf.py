@@ -272,14 +272,10 @@ def read_hf(
     return {k: reader(k) for k in canonical_shapes(reader.cfg)}, reader.cfg
 
 
-def hf_config_dict(
-    cfg: ModelConfig, dtype: torch.dtype, bos_token_id: int | None = 1, eos_token_id: int | None = 2
-) -> dict:
-    """``config.json`` of ``cfg``: transformers 5's ``rope_parameters`` and, for older readers,
-    the same base and scaling as top-level ``rope_theta`` / ``rope_scaling``."""
-    rope = {"rope_type": "default", "rope_theta": cfg.rotary_base}
+def hf_rope_parameters(cfg: ModelConfig) -> dict:
+    """transformers 5's ``rope_parameters`` of ``cfg``."""
     if cfg.rope_scaling == "llama3":
-        rope = {
+        return {
             "rope_type": "llama3",
             "rope_theta": cfg.rotary_base,
             "factor": cfg.rope_scaling_factor,
@@ -287,6 +283,15 @@ def hf_config_dict(
             "high_freq_factor": cfg.rope_high_freq_factor,
             "original_max_position_embeddings": cfg.rope_original_max_position_embeddings,
         }
+    return {"rope_type": "default", "rope_theta": cfg.rotary_base}
+
+
+def hf_config_dict(
+    cfg: ModelConfig, dtype: torch.dtype, bos_token_id: int | None = 1, eos_token_id: int | None = 2
+) -> dict:
+    """``config.json`` of ``cfg``: transformers 5's ``rope_parameters`` and, for older readers,
+    the same base and scaling as top-level ``rope_theta`` / ``rope_scaling``."""
+    rope = hf_rope_parameters(cfg)
     legacy_scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
     return {
         "architectures": ["LlamaForCausalLM"],

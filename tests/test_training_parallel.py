@@ -12,7 +12,9 @@ from tests.launch import torchrun
 
 pytestmark = pytest.mark.dist
 STEPS = 4
-MODELS = ("tiny-mha", "tiny-gqa")
+# tiny-gqa-tied: tied embeddings (under PP the last stage's copy of the embedding and its
+# gradient all-reduce) and a vocabulary padded from 250 to 256 rows
+MODELS = ("tiny-mha", "tiny-gqa", "tiny-gqa-tied")
 
 
 @pytest.fixture(scope="module")

@@ -24,14 +24,12 @@ stage, the final domain weights and the time of every stage.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from stage_runner import ROOT, StageRunner, flags, last_json  # noqa: E402
+
 CORPUS = ROOT.parent / "shared" / "corpus"
 DOMAINS = ("web", "github", "wikipedia", "books", "arxiv", "stackexchange")
 
@@ -52,55 +50,6 @@ TARGET = {
 }
 
 
-class Demo:
-    def __init__(self, out: Path, threads: int) -> None:
-        self.out = out
-        self.times: dict[str, float] = {}
-        self.env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS=str(threads))
-
-    def run(self, stage: str, cmd: list[str]) -> str:
-        """Run one command; its output goes to ``OUT/logs/STAGE.log``; fail loudly."""
-        log = self.out / "logs" / f"{stage}.log"
-        log.parent.mkdir(parents=True, exist_ok=True)
-        start = time.time()
-        with open(log, "a") as f:
-            f.write(f"$ {' '.join(cmd)}\n")
-            f.flush()
-            proc = subprocess.run(
-                cmd, stdout=subprocess.PIPE, stderr=f, env=self.env, cwd=ROOT, text=True
-            )
-            f.write(proc.stdout)
-        self.times[stage] = self.times.get(stage, 0.0) + time.time() - start
-        if proc.returncode != 0:
-            tail = "\n".join(log.read_text().splitlines()[-25:])
-            raise SystemExit(f"error: demo stage {stage} failed (log: {log}):\n{tail}")
-        print(f"[demo] {stage:<11} done in {time.time() - start:6.1f} s", flush=True)
-        return proc.stdout
-
-    def megashear(self, stage: str, command: str, *args: str, nproc: int = 1) -> str:
-        if nproc > 1:
-            launcher = [
-                sys.executable,
-                "-m",
-                "torch.distributed.run",
-                "--standalone",
-                f"--nproc_per_node={nproc}",
-                "-m",
-                "megashear.cli",
-            ]
-        else:
-            launcher = [sys.executable, "-m", "megashear.cli"]
-        return self.run(stage, [*launcher, command, *args])
-
-
-def flags(prefix: str, values: dict) -> list[str]:
-    return [f"--{prefix}.{k}={v}" for k, v in values.items()]
-
-
-def last_json(text: str) -> dict:
-    return json.loads([ln for ln in text.splitlines() if ln.startswith("{")][-1])
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/demo")
@@ -118,7 +67,7 @@ def main() -> int:
         return 2
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    demo = Demo(out, threads=2)
+    demo = StageRunner(out, threads=2)
     py = sys.executable
     data = out / "data"
     files = [str(corpus / f"{d}.jsonl.xz") for d in DOMAINS]

@@ -2,12 +2,17 @@
 
 Usage: ``torchrun --standalone --nproc_per_node N tests/prune_worker.py PLAN.json OUT.pt``
 
-Job fields: ``name``, ``model`` (preset), ``target`` (dict of target ModelConfig overrides),
-``kinds``, ``tp``, ``pp``, ``init`` (model-only checkpoint to load), ``save_init``, ``mode``:
+Job fields: ``name``, ``model`` (preset name, or a ``ModelConfig.to_dict()`` dict), ``target``
+(dict of target ModelConfig overrides), ``kinds``, ``tp``, ``pp``, ``init`` (model-only checkpoint
+to load), ``save_init``, ``seq_length`` (length of the synthetic batches; default the model's),
+``tokens`` (a ``[B, s]`` int64 batch for ``logits``; default the synthetic batch), ``mode``:
 
 - ``grads``: one training step's sampled masks and log α gradients (gathered, full);
 - ``ones``: LM loss with every mask forced to 1, and the plain model's loss on the same batch;
 - ``logits``: logits ``[B, s, v]`` under deterministic masks at the target sizes, and the masks;
+- ``plain_logits``: logits of a plain checkpoint ``load_model`` on the ``logits`` batch;
+- ``token_losses``: a plain checkpoint ``load_model`` at its own shape: per-window mean losses of
+  ``tokens``/``labels`` through the training loss path, and (``return_logits``) their logits;
 - ``train``: ``steps`` pruning steps; the expected-sparsity history;
 - ``save``/``reload``: save the masked checkpoint / load it and report the gathered log α.
 """
@@ -30,7 +35,10 @@ from megashear.training.trainer import Trainer
 def make_trainer(job: dict) -> PruningTrainer:
     import dataclasses
 
-    cfg = get_preset(job["model"])
+    if isinstance(job["model"], dict):
+        cfg = ModelConfig.from_dict(job["model"])
+    else:
+        cfg = get_preset(job["model"])
     target = dataclasses.replace(cfg, **job["target"])
     pcfg = PruningConfig(
         kinds=tuple(job.get("kinds", ("head", "intermediate", "layer", "hidden"))),
@@ -49,8 +57,9 @@ def make_trainer(job: dict) -> PruningTrainer:
         clip_grad=job.get("clip_grad", 1e9),
     )
     ckpt = CheckpointConfig(save=job.get("save"), load=job.get("load"))
+    seq = job.get("seq_length", cfg.seq_length)
     trainer = PruningTrainer(
-        cfg, target, pcfg, par, train, SyntheticBatches(cfg.vocab_size, cfg.seq_length, 3), ckpt
+        cfg, target, pcfg, par, train, SyntheticBatches(cfg.vocab_size, seq, 3), ckpt
     )
     if job.get("init"):
         checkpointing.load_model_weights(trainer.model, cfg, job["init"])
@@ -79,9 +88,50 @@ def plain_logits(job: dict) -> dict:
     return {"logits": t.gather_logits(batch), "model": cfg.to_dict()}
 
 
+def token_losses(job: dict) -> dict:
+    """A plain checkpoint at its own shape on the given token windows ``[B, s]``.
+
+    ``window_loss`` ``[B]``: each window's mean token loss through the training loss path
+    (megatron-core's vocab-parallel cross-entropy; every window is its own "domain" of the
+    per-domain loss report); ``logits`` ``[B, s, v]`` with ``return_logits``.
+    """
+    import dataclasses
+
+    from megashear.training.batches import split_for_rank
+
+    tokens, labels = job["tokens"], job["labels"]
+    b, s = tokens.shape
+    meta = checkpointing.read_meta(checkpointing.resolve(job["load_model"]))
+    cfg = dataclasses.replace(ModelConfig.from_dict(meta["model"]), seq_length=s)
+    par = ParallelConfig(tp=job.get("tp", 1), pp=job.get("pp", 1))
+    train = TrainConfig(micro_batch_size=2, global_batch_size=8)
+    t = Trainer(cfg, par, train, SyntheticBatches(cfg.vocab_size, s, 3))
+    checkpointing.load_model_weights(t.model, cfg, job["load_model"])
+    batch = {
+        "tokens": tokens,
+        "labels": labels,
+        "loss_mask": torch.ones(b, s, dtype=torch.float32),
+        "domain_id": torch.arange(b),
+    }
+    microbatches = split_for_rank(batch, t.dp_rank, t.dp_size, t.cfg.micro_batch_size)
+    for mb in microbatches:
+        mb["num_domains"] = b
+    for chunk in t.model:
+        chunk.eval()
+    with torch.no_grad():
+        reports = t.run_schedule(microbatches, forward_only=True)
+    totals = t.reduce_sums(reports, "domain loss")
+    out = {"window_loss": totals[:b] / totals[b:], "model": cfg.to_dict()}
+    if job.get("return_logits"):
+        out["logits"] = t.gather_logits({"tokens": tokens})
+    return out
+
+
 def run(job: dict) -> dict:
     if job["mode"] == "plain_logits":
         return plain_logits(job)
+    if job["mode"] == "token_losses":
+        return token_losses(job)
     t = make_trainer(job)
     mode = job["mode"]
     if job.get("log_alpha_seed") is not None:
@@ -116,9 +166,12 @@ def run(job: dict) -> dict:
         plain = t.reduce_loss(t.run_schedule_eval(batch))
         return {"masked": masked, "plain": plain}
     if mode == "logits":
-        batch = SyntheticBatches(
-            t.model_cfg.vocab_size, t.model_cfg.seq_length, 5
-        ).next_global_batch(4)
+        if job.get("tokens") is not None:
+            batch = {"tokens": job["tokens"]}
+        else:
+            batch = SyntheticBatches(
+                t.model_cfg.vocab_size, t.model_cfg.seq_length, 5
+            ).next_global_batch(4)
         if job.get("save_masked"):
             checkpointing.save_model_checkpoint(
                 t.model, t.model_cfg, job["save_masked"], extra_meta=t.extra_meta()

@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, help_text in COMMANDS.items():
         p = sub.add_parser(name, help=help_text[1])
         p.add_argument("--config", action="append", default=[], help="YAML config file(s)")
-        config_io.add_arguments(p, RunConfig)
+        config_io.add_arguments(p, RunConfig, COMMAND_SECTIONS[name])
     return parser
 
 
@@ -320,6 +320,24 @@ def cmd_evaluate(cfg: RunConfig) -> None:
             manifest.set_reference_losses(losses)
             save_manifest(manifest, cfg.data.manifest)
 
+
+# The RunConfig sections each sub-command reads; its --help and flags offer only these (a YAML
+# file may still hold the whole tree, e.g. one prune.yaml for prune, finalize and evaluate).
+COMMAND_SECTIONS = {
+    "train": ("model_preset", "model", "parallel", "train", "checkpoint", "data", "logging"),
+    "prune": (
+        "model_preset",
+        "model",
+        "parallel",
+        "train",
+        "checkpoint",
+        "pruning",
+        "data",
+        "logging",
+    ),
+    "finalize": ("checkpoint", "logging"),
+    "evaluate": ("model_preset", "model", "parallel", "train", "checkpoint", "data", "logging"),
+}
 
 COMMANDS = {
     "train": (cmd_train, "continued pre-training of a (pruned) model"),

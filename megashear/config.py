@@ -2,13 +2,29 @@
 
 Model shapes live in :mod:`megashear.model_config`. Every field has a default that runs on a
 laptop CPU; YAML files and command-line overrides fill them in.
+
+Every field carries an attribute docstring (a string literal right after it, one or two lines:
+what it is, its unit, its megatron / Sheared-LLaMA name); :mod:`megashear.config_io` reads them
+for ``megashear <command> --help``. Fields with a fixed set of values are ``Literal[...]``
+annotations, which ``config_io`` checks for YAML values and flags alike.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from megashear.model_config import ModelConfig
+
+# The choices of the Literal fields. Each mirrors what the code consuming it accepts
+# (tests/test_config_io.py checks that they agree):
+# - megashear.data.update_rules.RULES;
+UpdateRule = Literal["paper", "reference_code", "constant"]
+# - megatron.core.optimizer_param_scheduler.OptimizerParamScheduler, as the trainer builds it
+#   ("WSD" also needs wsd_decay_steps, which the trainer does not pass, so it is not offered);
+LrDecayStyle = Literal["constant", "linear", "cosine", "inverse-square-root"]
+# - megashear.pruning.hard_concrete.ALL_KINDS.
+MaskKind = Literal["hidden", "head", "head_layer", "intermediate", "mlp", "layer"]
 
 
 @dataclass
@@ -16,10 +32,19 @@ class ParallelConfig:
     """Parallel layout. The data-parallel size is derived: world size / (tp * pp)."""
 
     tp: int = 1
+    """Tensor-parallel size (megatron --tensor-model-parallel-size); must divide the heads,
+    query groups and FFN width."""
     pp: int = 1
+    """Pipeline-parallel size (megatron --pipeline-model-parallel-size); the layers are split
+    into pp stages."""
     vpp: int | None = None
+    """Virtual pipeline chunks per pipeline rank for the interleaved schedule (megatron-core
+    virtual_pipeline_model_parallel_size); null: none. Needs pp >= 2; not for pruning."""
     sequence_parallel: bool = False
+    """Megatron sequence parallelism (--sequence-parallel) over the TP group; needs CUDA."""
     use_distributed_optimizer: bool = False
+    """Shard the optimizer state over data-parallel ranks (megatron
+    --use-distributed-optimizer)."""
 
 
 @dataclass
@@ -27,20 +52,39 @@ class TrainConfig:
     """Optimisation settings (megatron names where they exist)."""
 
     micro_batch_size: int = 2
+    """Sequences per forward/backward pass on one data-parallel rank (megatron
+    --micro-batch-size)."""
     global_batch_size: int = 8
+    """Sequences per optimizer step over all ranks (megatron --global-batch-size); a multiple
+    of dp * micro_batch_size."""
     train_iters: int = 20
+    """Optimizer steps the run ends at, counted from 0, also when resuming (megatron
+    --train-iters; Sheared-LLaMA pruning: 3200)."""
     lr: float = 3e-4
+    """Peak learning rate of the model weights (megatron --lr; Sheared-LLaMA 1e-4)."""
     min_lr: float = 3e-5
+    """Learning rate at the end of the decay (megatron --min-lr)."""
     lr_warmup_iters: int = 2
-    lr_decay_style: str = "cosine"
+    """Steps of linear warm-up from 0 to lr (megatron --lr-warmup-iters)."""
+    lr_decay_style: LrDecayStyle = "cosine"
+    """Decay from lr to min_lr over train_iters (megatron --lr-decay-style)."""
     weight_decay: float = 0.1
+    """Decoupled AdamW weight decay (megatron --weight-decay; Sheared-LLaMA pruning: 0)."""
     adam_beta1: float = 0.9
+    """Adam beta1 (megatron --adam-beta1)."""
     adam_beta2: float = 0.95
+    """Adam beta2 (megatron --adam-beta2)."""
     adam_eps: float = 1e-8
+    """Adam epsilon (megatron --adam-eps)."""
     clip_grad: float = 1.0
+    """Global gradient-norm clipping threshold (megatron --clip-grad)."""
     seed: int = 1234
-    bf16: bool | None = None  # None: bf16 on GPU, fp32 on CPU
+    """Seed of the weight initialisation and megatron's RNG tracker (megatron --seed)."""
+    bf16: bool | None = None
+    """bf16 weights and compute (megatron --bf16); null: bf16 on GPU, fp32 on CPU."""
     log_interval: int = 1
+    """Print a loss / lr / grad-norm / tokens-per-s line every this many steps (megatron
+    --log-interval)."""
 
 
 @dataclass
@@ -48,9 +92,14 @@ class CheckpointConfig:
     """Where and how often to checkpoint."""
 
     save: str | None = None
+    """Checkpoint root directory to save into (megatron --save); null: save nothing."""
     load: str | None = None
+    """Checkpoint to start from: a root (its latest iteration) or an iter_N directory (megatron
+    --load); its model shape becomes model.*."""
     save_interval: int | None = None
+    """Also save every this many steps (megatron --save-interval); null: only at the end."""
     keep_last: int = 2
+    """Iterations kept under checkpoint.save; older ones are deleted (0: keep all)."""
 
 
 @dataclass
@@ -62,17 +111,39 @@ class PruningConfig:
     """
 
     target: str = ""
+    """Target shape preset: sheared-llama-2.7b, sheared-llama-1.3b or sheared-llama-370m
+    (megashear.pruning.targets); "": the target_* fields alone."""
     target_num_layers: int | None = None
+    """Target transformer layers (Sheared-LLaMA target_model.n_layers); null: the preset's or
+    the source's."""
     target_hidden_size: int | None = None
+    """Target model width (Sheared-LLaMA target_model.d_model); null: the preset's or the
+    source's."""
     target_num_attention_heads: int | None = None
+    """Target query heads (Sheared-LLaMA target_model.n_heads); null: the preset's or the
+    source's."""
     target_num_query_groups: int | None = None
+    """Target key/value groups (GQA); null: keep the source's query heads per group (MHA: one
+    per head)."""
     target_ffn_hidden_size: int | None = None
-    kinds: tuple[str, ...] = ("head", "intermediate", "layer", "hidden")
+    """Target SwiGLU width (Sheared-LLaMA target_model.intermediate_size); null: the preset's
+    or the source's."""
+    kinds: tuple[MaskKind, ...] = ("head", "intermediate", "layer", "hidden")
+    """Mask kinds to learn (Sheared-LLaMA l0_module.pruning_modules); the paper prunes head,
+    intermediate, layer, hidden."""
     lagrangian_warmup_steps: int = 640
+    """Steps over which the target sparsity ramps linearly from 0 (Sheared-LLaMA
+    lagrangian_warmup_steps; the reference uses 640 of 3200)."""
     lr_log_alpha: float = 1.0
+    """Peak learning rate of the masks' log alpha, on train's schedule (Sheared-LLaMA lag_lr,
+    1.0)."""
     lr_lambda: float = 1.0
+    """Learning rate of the Lagrange multipliers, gradient ascent (Sheared-LLaMA lag_lr, 1.0)."""
     log_alpha_init_mean: float = 5.0
+    """Mean of the N(mean, 0.01) initial log alpha of every mask entry (Sheared-LLaMA: 5)."""
     seed: int = 17
+    """Seed of the masks' hard-concrete sampling noise, the same at every layout (Sheared-LLaMA
+    global_seed 17)."""
 
 
 @dataclass
@@ -81,17 +152,33 @@ class DataConfig:
     synthetic tokens."""
 
     manifest: str = ""
-    token_file: str = ""  # one pre-tokenized stream (.npy of token ids), no domains
+    """Domain manifest YAML from tools/preprocess_data.py; enables dynamic batch loading. "":
+    token_file or synthetic."""
+    token_file: str = ""
+    """One pre-tokenized stream (.npy of token ids), no domains; used when manifest is ""."""
     synthetic: bool = False
-    update_rule: str = "paper"  # paper | reference_code | constant
+    """Learnable synthetic token sequences (tests, benchmarks) when neither manifest nor
+    token_file is set."""
+    update_rule: UpdateRule = "paper"
+    """Domain-weight update (REFERENCE §5): paper clamps the excess loss at 0, reference_code
+    does not and smooths; constant keeps the weights (Sheared-LLaMA update_type)."""
     update_interval: int = 50
+    """Steps between domain-weight updates (Sheared-LLaMA eval_interval: 50 for pruning, 400 for
+    continued pre-training)."""
     eta: float = 1.0
+    """Step size of the update: w <- normalise(w * exp(eta * excess loss))."""
     smoothing: float = 1e-4
+    """reference_code only: mix the new weights with this share of uniform (reference 1e-4)."""
     eval_sequences_per_domain: int = 16
-    write_reference: bool = False  # evaluate: store the losses as the manifest's references
+    """Validation sequences per domain (of model.seq_length tokens) for the per-domain losses."""
+    write_reference: bool = False
+    """evaluate: store the losses in the manifest as its reference losses (source reference)."""
     seed: int = 1234
-    num_workers: int = 0  # DataLoader processes that fetch samples (picks stay in the trainer)
-    cache_dir: str = ""  # GPTDataset index cache; "" = {logging.dir}/index_cache
+    """Seed of the order in which training samples are drawn."""
+    num_workers: int = 0
+    """DataLoader processes that fetch samples (the picks stay in the trainer); 0: in-process."""
+    cache_dir: str = ""
+    """GPTDataset index cache directory; "": {logging.dir}/index_cache."""
 
 
 @dataclass
@@ -99,7 +186,9 @@ class LoggingConfig:
     """Where a run writes its resolved config, event log and TensorBoard scalars."""
 
     dir: str = "runs/default"
+    """Run directory: config.yaml, the event log and TensorBoard files."""
     tensorboard: bool = True
+    """Also write TensorBoard scalars under logging.dir."""
 
 
 @dataclass
@@ -107,10 +196,19 @@ class RunConfig:
     """Everything one ``megashear`` command needs. ``model_preset`` fills ``model``."""
 
     model_preset: str = ""
+    """Model shape preset that fills model.* (megashear.model_config.PRESETS: llama2-7b,
+    llama3.1-8b, smollm2-135m, tiny-gqa, ...); "": model.* alone."""
     model: ModelConfig = field(default_factory=ModelConfig)
+    """The model shape (megashear.model_config.ModelConfig)."""
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """The parallel layout."""
     train: TrainConfig = field(default_factory=TrainConfig)
+    """Optimisation settings."""
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Checkpoint locations and schedule."""
     pruning: PruningConfig = field(default_factory=PruningConfig)
+    """Pruning target and mask settings (megashear prune)."""
     data: DataConfig = field(default_factory=DataConfig)
+    """Training and validation data."""
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    """Run directory and TensorBoard."""

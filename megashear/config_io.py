@@ -5,16 +5,26 @@ ones) and then from ``--section.field=value`` overrides, whose values are parsed
 scalars (``--train.lr=1e-4``, ``--pruning.kinds=[head,layer]``). Every command-line flag is
 generated from a dataclass field, so the parser and the dataclasses cannot drift apart.
 Unknown keys and values of the wrong type are :class:`ConfigError`\\ s that name the key and
-what it allows.
+what it allows; a ``Literal[...]`` field (or a tuple of them) accepts only its listed values.
+
+Documentation: each field's attribute docstring (the string literal right after it in the
+class body) is read from the dataclass's source by :func:`field_docs` and becomes its ``--help``
+text, with its type, choices and default. :func:`add_arguments` can offer only some top-level
+sections (a sub-command's); :func:`resolve` still reads YAML files as the whole tree.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
+import functools
+import inspect
 import os
+import textwrap
 import types
 import typing
+from collections.abc import Iterable
 from typing import Any
 
 import yaml
@@ -36,6 +46,90 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp)).replace("typing.", "")
 
 
+@functools.cache
+def field_docs(cls: type) -> dict[str, str]:
+    """The attribute docstrings of dataclass ``cls`` (and its dataclass bases), one line each.
+
+    A field's docstring is the string literal that directly follows its annotated assignment in
+    the class body; it is read from the class's source with :mod:`ast` (the interpreter keeps no
+    trace of it). A field without one is absent from the result.
+    """
+    out: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if klass is object or not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            source = textwrap.dedent(inspect.getsource(klass))
+        except (OSError, TypeError):  # no source file (e.g. a class built in a REPL)
+            continue
+        body = next(n for n in ast.parse(source).body if isinstance(n, ast.ClassDef)).body
+        for stmt, nxt in zip(body, body[1:]):
+            if (
+                isinstance(stmt, ast.AnnAssign)
+                and isinstance(stmt.target, ast.Name)
+                and isinstance(nxt, ast.Expr)
+                and isinstance(nxt.value, ast.Constant)
+                and isinstance(nxt.value.value, str)
+            ):
+                out[stmt.target.id] = " ".join(nxt.value.value.split())
+    return out
+
+
+def _optional(tp: Any) -> tuple[Any, bool]:
+    """``(X, True)`` for ``X | None``, else ``(tp, False)``."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1 and len(args) < len(typing.get_args(tp)):
+            return args[0], True
+    return tp, False
+
+
+def choices(tp: Any) -> tuple | None:
+    """The allowed values of a ``Literal[...]`` annotation (also inside ``| None`` and as the
+    item type of a tuple or list); ``None`` for any other annotation."""
+    inner, _ = _optional(tp)
+    origin = typing.get_origin(inner)
+    if origin is typing.Literal:
+        return typing.get_args(inner)
+    if origin in (tuple, list) and typing.get_args(inner):
+        return choices(typing.get_args(inner)[0])
+    return None
+
+
+def type_label(tp: Any) -> str:
+    """An annotation as ``--help`` and error messages spell it: ``int or null``,
+    ``one of paper, constant``, ``list of str``."""
+    inner, nullable = _optional(tp)
+    if nullable:
+        return f"{type_label(inner)} or null"
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Literal:
+        return "one of " + ", ".join(format_value(a) for a in args)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(type_label(a) for a in args)
+    if origin in (tuple, list):
+        return f"list of {type_label(args[0]) if args else 'values'}"
+    if origin is dict or tp is dict:
+        return "mapping"
+    return {int: "int", float: "float", bool: "bool", str: "str", type(None): "null"}.get(
+        tp, _type_name(tp)
+    )
+
+
+def _metavar(tp: Any) -> str:
+    inner, nullable = _optional(tp)
+    allowed = choices(inner)
+    if allowed is not None:
+        text = "{" + ",".join(str(a) for a in allowed) + "}"
+        if typing.get_origin(inner) in (tuple, list):
+            text = f"[{text},...]"
+    elif typing.get_origin(inner) in (tuple, list):
+        text = "LIST"
+    else:
+        text = type_label(inner).upper()
+    return f"{text}|NULL" if nullable else text
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check ``value`` against the annotation ``tp``; convert where it is lossless."""
     origin = typing.get_origin(tp)
@@ -51,8 +145,15 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 return _coerce(value, arg, key)
             except ConfigError as exc:
                 errors.append(str(exc))
-        allowed = " or ".join(_type_name(a) for a in args)
-        raise ConfigError(f"config key '{key}': expected {allowed}, got {value!r}")
+        raise ConfigError(f"config key '{key}': expected {type_label(tp)}, got {value!r}")
+    if origin is typing.Literal:
+        for allowed in args:
+            if type(value) is type(allowed) and value == allowed:
+                return value
+        raise ConfigError(
+            f"config key '{key}': expected one of {', '.join(format_value(a) for a in args)}; "
+            f"got {value!r}"
+        )
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"config key '{key}': expected a mapping, got {value!r}")
@@ -172,16 +273,91 @@ def load_yaml(path: str) -> dict:
     return data
 
 
-def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
-    """One ``--dotted.key`` option per leaf field of ``cls`` (values parsed as YAML)."""
-    for key, tp in leaf_keys(cls):
-        parser.add_argument(
+def _default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return dataclasses.MISSING
+
+
+def _format_default(value: Any) -> str:
+    if value is dataclasses.MISSING:
+        return "required"
+    if isinstance(value, str):
+        return value if value else '""'
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(format_value(v) for v in value) + "]"
+    return format_value(value)
+
+
+def _section_description(cls: type) -> str:
+    """The first paragraph of a dataclass's docstring, on one line."""
+    doc = inspect.cleandoc(cls.__doc__ or "")
+    return " ".join(doc.split("\n\n")[0].split())
+
+
+def _add_leaves(target, cls: type, prefix: str) -> None:
+    hints = _hints(cls)
+    docs = field_docs(cls)
+    for f in _fields(cls):
+        tp = hints[f.name]
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(tp):
+            _add_leaves(target, tp, f"{key}.")
+            continue
+        doc = docs.get(f.name, f"config field {key}")
+        shown = f"{doc} ({type_label(tp)}; default: {_format_default(_default(f))})"
+        target.add_argument(
             f"--{key}",
             dest=f"cfg:{key}",
-            metavar=_type_name(tp).upper().replace(" ", ""),
+            metavar=_metavar(tp),
             default=argparse.SUPPRESS,
-            help=f"config field {key} ({_type_name(tp)})",
+            help=shown.replace("%", "%%"),
         )
+
+
+def add_arguments(
+    parser: argparse.ArgumentParser, cls: type, sections: Iterable[str] | None = None
+) -> None:
+    """One ``--dotted.key`` option per leaf field of ``cls`` (values parsed as YAML).
+
+    ``sections`` names the top-level fields of ``cls`` to offer (a dataclass field is a
+    section, a plain field such as ``model_preset`` is one option); ``None`` offers all. Each
+    section's options form one ``--help`` group, described by its class docstring; each option's
+    help is its field docstring with its type, choices and default. A flag of a section not
+    offered is argparse's usual "unrecognized arguments" error.
+    """
+    names = [f.name for f in _fields(cls)]
+    offered = names if sections is None else list(sections)
+    unknown = [s for s in offered if s not in names]
+    if unknown:
+        raise ValueError(f"{cls.__name__} has no section {unknown[0]!r}; it has {names}")
+    hints = _hints(cls)
+    top = [f for f in _fields(cls) if f.name in offered]
+    for f in top:
+        tp = hints[f.name]
+        if not dataclasses.is_dataclass(tp):
+            _add_leaves_one(parser, cls, f)
+    for f in top:
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            group = parser.add_argument_group(f.name, _section_description(tp))
+            _add_leaves(group, tp, f"{f.name}.")
+
+
+def _add_leaves_one(target, cls: type, f: dataclasses.Field) -> None:
+    """The option of one plain top-level field of ``cls``."""
+    tp = _hints(cls)[f.name]
+    doc = field_docs(cls).get(f.name, f"config field {f.name}")
+    shown = f"{doc} ({type_label(tp)}; default: {_format_default(_default(f))})"
+    target.add_argument(
+        f"--{f.name}",
+        dest=f"cfg:{f.name}",
+        metavar=_metavar(tp),
+        default=argparse.SUPPRESS,
+        help=shown.replace("%", "%%"),
+    )
 
 
 def resolve(cls: type, files: list[str], args: argparse.Namespace, base: dict | None = None):

@@ -23,52 +23,65 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import typing
 from dataclasses import dataclass
+from typing import Literal
 
-ROPE_SCALING_TYPES = ("none", "llama3")
+RopeScalingType = Literal["none", "llama3"]
+"""The values of :attr:`ModelConfig.rope_scaling`."""
+ROPE_SCALING_TYPES: tuple[str, ...] = typing.get_args(RopeScalingType)
 
 
 @dataclass
 class ModelConfig:
     """Architecture of a LLaMA model.
 
-    Attributes:
-        num_layers: transformer layers.
-        hidden_size: model width ``h``.
-        num_attention_heads: query heads ``a``.
-        num_query_groups: key/value heads ``g`` (``a`` for MHA, fewer for GQA).
-        ffn_hidden_size: SwiGLU intermediate width ``f``.
-        vocab_size: tokenizer vocabulary ``v`` (unpadded).
-        kv_channels: head dimension ``hn``; ``None`` means ``h // a``.
-        seq_length: maximum sequence length ``s`` (a training setting: it changes no weight).
-        rotary_base: RoPE base (10000 for LLaMA2, 500000 for LLaMA3, 100000 for SmolLM2).
-        norm_epsilon: RMSNorm epsilon.
-        tie_word_embeddings: the LM head is the input embedding matrix.
-        rope_scaling: ``"none"`` or ``"llama3"``.
-        rope_scaling_factor: llama3 ``factor`` (8 for Llama-3.1, 32 for Llama-3.2).
-        rope_low_freq_factor: llama3 ``low_freq_factor``.
-        rope_high_freq_factor: llama3 ``high_freq_factor``.
-        rope_original_max_position_embeddings: llama3 ``original_max_position_embeddings``.
-        make_vocab_size_divisible_by: pad the vocabulary rows to a multiple of this.
+    Each field's docstring gives its meaning and its megatron, Hugging Face and Sheared-LLaMA
+    names; ``megashear <command> --help`` shows them.
     """
 
     num_layers: int = 2
+    """Transformer layers ``L`` (megatron --num-layers; HF num_hidden_layers; Sheared-LLaMA
+    n_layers)."""
     hidden_size: int = 64
+    """Model width ``h`` (megatron --hidden-size; Sheared-LLaMA d_model)."""
     num_attention_heads: int = 4
+    """Query heads ``a`` (megatron --num-attention-heads; Sheared-LLaMA n_heads)."""
     num_query_groups: int | None = None
+    """Key/value heads ``g`` (megatron --num-query-groups; HF num_key_value_heads); null: ``a``
+    (MHA), fewer for GQA."""
     ffn_hidden_size: int = 160
+    """SwiGLU intermediate width ``f`` (megatron --ffn-hidden-size; HF / Sheared-LLaMA
+    intermediate_size)."""
     vocab_size: int = 256
+    """Tokenizer vocabulary ``v``, unpadded (the padded row count is padded_vocab_size)."""
     kv_channels: int | None = None
+    """Head dimension ``hn`` (megatron --kv-channels; HF head_dim); null: ``h // a``. Pruned
+    models keep the source's."""
     seq_length: int = 64
+    """Maximum sequence length ``s`` in tokens (megatron --seq-length); a training setting
+    that changes no weight."""
     rotary_base: float = 10000.0
+    """RoPE base (megatron --rotary-base; HF rope_theta): 10000 LLaMA2, 500000 LLaMA3, 100000
+    SmolLM2."""
     norm_epsilon: float = 1e-5
+    """RMSNorm epsilon (megatron --norm-epsilon; HF rms_norm_eps)."""
     tie_word_embeddings: bool = False
-    rope_scaling: str = "none"
+    """The LM head is the input embedding matrix, stored once (HF tie_word_embeddings; megatron
+    without --untie-embeddings-and-output-weights)."""
+    rope_scaling: RopeScalingType = "none"
+    """RoPE frequency scaling: none, or llama3 as Llama-3.1/3.2/3.3 (HF rope_scaling.rope_type)."""
     rope_scaling_factor: float = 8.0
+    """llama3 ``factor`` (8 for Llama-3.1, 32 for Llama-3.2; megatron --rope-scaling-factor)."""
     rope_low_freq_factor: float = 1.0
+    """llama3 ``low_freq_factor`` (HF rope_scaling.low_freq_factor)."""
     rope_high_freq_factor: float = 4.0
+    """llama3 ``high_freq_factor`` (HF rope_scaling.high_freq_factor)."""
     rope_original_max_position_embeddings: int = 8192
+    """llama3 ``original_max_position_embeddings``: the pre-scaling context length in tokens."""
     make_vocab_size_divisible_by: int = 128
+    """Pad the embedding and output rows to a multiple of this (megatron
+    --make-vocab-size-divisible-by)."""
 
     def __post_init__(self) -> None:
         if self.num_query_groups is None:

@@ -70,3 +70,56 @@ def test_unknown_flag_is_rejected_by_the_parser():
 def test_missing_file():
     with pytest.raises(ConfigError, match="does not exist"):
         config_io.resolve(RunConfig, ["/nonexistent.yaml"], parse([]))
+
+
+def test_every_field_is_documented_and_help_shows_it():
+    leaves = {k for k, _ in config_io.leaf_keys(RunConfig)}
+    undocumented = []
+    for key in leaves:
+        *path, name = key.split(".")
+        cls = RunConfig
+        for part in path:
+            cls = config_io._hints(cls)[part]
+        if not config_io.field_docs(cls).get(name):
+            undocumented.append(key)
+    assert undocumented == []
+    from megashear.cli import build_parser
+
+    text = " ".join(
+        build_parser()._subparsers._group_actions[0].choices["prune"].format_help().split()
+    )
+    assert "Peak learning rate of the model weights" in text
+    assert "one of paper, reference_code, constant" in text
+
+
+def test_literal_choices_match_the_code_that_consumes_them():
+    import typing
+
+    from megashear.config import MaskKind, UpdateRule
+    from megashear.data.update_rules import RULES
+    from megashear.pruning.hard_concrete import ALL_KINDS
+
+    assert set(typing.get_args(UpdateRule)) == set(RULES)
+    assert set(typing.get_args(MaskKind)) == set(ALL_KINDS)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--train.lr_decay_style=bogus"], "train.lr_decay_style"),
+        (["--data.update_rule=papr"], "one of paper, reference_code, constant"),
+        (["--pruning.kinds=[head,heads]"], "pruning.kinds"),
+    ],
+)
+def test_literal_fields_refuse_other_values(argv, message):
+    with pytest.raises(ConfigError, match=message):
+        config_io.resolve(RunConfig, [], parse(argv))
+
+
+def test_subcommands_offer_only_their_sections():
+    from megashear.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["finalize", "--pruning.target=sheared-llama-1.3b"])
+    args = build_parser().parse_args(["prune", "--pruning.target=sheared-llama-1.3b"])
+    assert getattr(args, "cfg:pruning.target") == "sheared-llama-1.3b"

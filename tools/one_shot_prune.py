@@ -1,0 +1,133 @@
+#!/usr/bin/env python3
+"""Cut a megashear checkpoint to a target shape without learned masks (one-shot baseline).
+
+    python tools/one_shot_prune.py --load CKPT --save OUT \\
+        [--target-num-layers L] [--target-hidden-size H] [--target-num-attention-heads A] \\
+        [--target-num-query-groups G] [--target-ffn-hidden-size F] \\
+        [--tp N --pp M] [--dtype fp32|bf16|fp16] [--overwrite]
+
+Every layer keeps its first G key/value groups with their first A/G query heads, the model its
+first H hidden channels, every layer its first F FFN units, and the first L layers are kept
+(``megashear.pruning.one_shot.leading_masks``); ``megashear.pruning.finalize.finalize`` slices
+the weights (the survivors' masks are exactly 1, so nothing is rescaled; a tied model stays tied).
+Unset target fields keep the source's size; the head dim, vocabulary and RoPE are the source's.
+
+The source is read one layer at a time (``CheckpointReader``; layers that are cut are never
+read) and the result is written through ``write_checkpoint`` under a temporary name renamed at the
+end, chunked for ``--tp/--pp`` (any layout loads it). It is a plain model checkpoint:
+``megashear train --checkpoint.load=OUT`` continues it. Bad input gives a one-line error, exit
+code 2, and no output; an existing ``--save`` needs ``--overwrite``. Prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Mapping
+
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+TARGET_FIELDS = (
+    "num_layers",
+    "hidden_size",
+    "num_attention_heads",
+    "num_query_groups",
+    "ffn_hidden_size",
+)
+
+
+class LazyCanonical(Mapping):
+    """Canonical weights of a checkpoint, each cut from the reader's tensors when asked for."""
+
+    def __init__(self, reader, cfg) -> None:
+        from megashear.layout import canonical_order
+
+        self.reader, self.cfg = reader, cfg
+        self.keys_ = canonical_order(cfg)
+
+    def __getitem__(self, key: str):
+        from megashear.conversion.megatron_layout import canonical_tensor
+
+        if key not in self.keys_:
+            raise KeyError(key)
+        return canonical_tensor(key, self.reader, self.cfg)
+
+    def __iter__(self):
+        return iter(self.keys_)
+
+    def __len__(self) -> int:
+        return len(self.keys_)
+
+
+def one_shot(args) -> dict:
+    import torch
+
+    from megashear.config import ParallelConfig
+    from megashear.conversion.dist_stream import CheckpointReader, write_checkpoint
+    from megashear.conversion.megatron_layout import megatron_tensor
+    from megashear.models.llama import validate_layout
+    from megashear.parallel import init_distributed
+    from megashear.pruning.one_shot import one_shot_prune
+    from megashear.pruning.targets import make_target, validate_target
+
+    if os.path.exists(args.save) and not args.overwrite:
+        raise ValueError(f"output {args.save} exists (pass --overwrite to replace it)")
+    init_distributed()
+    dtype = None if args.dtype is None else getattr(torch, DTYPES[args.dtype])
+    reader = CheckpointReader(args.load, dtype)
+    source = reader.cfg
+    target = make_target(source, **{f: getattr(args, f"target_{f}") for f in TARGET_FIELDS})
+    validate_target(source, target)
+    validate_layout(target, ParallelConfig(tp=args.tp, pp=args.pp), args.tp * args.pp)
+    weights, cfg = one_shot_prune(LazyCanonical(reader, source), source, target)
+    write_checkpoint(
+        args.save,
+        cfg,
+        lambda name: megatron_tensor(name, weights.__getitem__, cfg),
+        reader.dtype,
+        tp=args.tp,
+        pp=args.pp,
+        overwrite=args.overwrite,
+        extra_meta={"one_shot": {"source": str(reader.dir), "source_model": source.to_dict()}},
+        progress=False,
+    )
+    return {
+        "saved": args.save,
+        "model": cfg.to_dict(),
+        "parameters": cfg.num_parameters(),
+        "source_parameters": source.num_parameters(),
+        "dtype": str(reader.dtype).replace("torch.", ""),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--load", required=True, help="a megashear model checkpoint")
+    parser.add_argument("--save", required=True)
+    for field in TARGET_FIELDS:
+        parser.add_argument(f"--target-{field.replace('_', '-')}", type=int, default=None)
+    parser.add_argument("--tp", type=int, default=1)
+    parser.add_argument("--pp", type=int, default=1)
+    parser.add_argument("--dtype", choices=sorted(DTYPES))
+    parser.add_argument("--overwrite", action="store_true")
+    args = parser.parse_args(argv)
+    if not os.path.exists(args.load):
+        print(f"error: --load {args.load} does not exist", file=sys.stderr)
+        return 2
+    try:
+        result = one_shot(args)
+    except (ValueError, KeyError, OSError) as exc:
+        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"error: {msg}", file=sys.stderr)
+        return 2
+    finally:
+        from megashear.parallel import destroy
+
+        destroy()
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

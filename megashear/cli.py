@@ -21,6 +21,7 @@ from megashear import config_io
 from megashear.config import RunConfig
 from megashear.config_io import ConfigError
 from megashear.model_config import WEIGHT_FIELDS, ModelConfig, get_preset, model_differences
+from megashear.training.errors import NonFiniteLossError
 
 logger = logging.getLogger("megashear")
 
@@ -291,6 +292,11 @@ def cmd_evaluate(cfg: RunConfig) -> None:
 
     if not cfg.checkpoint.load or not cfg.data.manifest:
         raise UsageError("evaluate needs checkpoint.load and data.manifest")
+    if cfg.data.write_reference and cfg.data.eval_split != "valid":
+        raise UsageError(
+            "data.write_reference needs data.eval_split=valid: dynamic batch loading compares "
+            "the reference with validation-split losses"
+        )
     manifest = load_manifest(cfg.data.manifest)
     check_vocab(manifest, cfg.model.vocab_size)
     meta = read_meta(resolve(cfg.checkpoint.load))
@@ -312,6 +318,7 @@ def cmd_evaluate(cfg: RunConfig) -> None:
         cfg.model.seq_length,
         cfg.data.eval_sequences_per_domain,
         data_cache_dir(cfg),
+        split=cfg.data.eval_split,
     )
     losses = domain_losses(trainer, valid)
     if _is_rank0():
@@ -353,12 +360,20 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         cfg = resolve_config(args)
+        from megashear import platform
+        from megashear.config_checks import check_run_config
+
+        check_run_config(cfg, args.command, platform.cuda_available())
         COMMANDS[args.command][0](cfg)
     except (ValueError, FileNotFoundError) as exc:
         # ConfigError, UsageError, CheckpointError and the library's validation errors
         # (shapes, layouts, targets) are all ValueErrors with one-line messages.
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except NonFiniteLossError as exc:
+        # the run diverged: nothing was saved after the last good checkpoint
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     finally:
         from megashear.parallel import destroy
 

@@ -104,7 +104,7 @@ class CheckpointConfig:
 
 @dataclass
 class PruningConfig:
-    """Targeted structured pruning (REFERENCE §2-3).
+    """Targeted structured pruning (docs/method.md §2-3).
 
     ``target`` is a preset name (``sheared-llama-1.3b``, ...) or empty when the target shape is
     given by the ``target_*`` fields.
@@ -160,7 +160,7 @@ class DataConfig:
     """Learnable synthetic token sequences (tests, benchmarks) when neither manifest nor
     token_file is set."""
     update_rule: UpdateRule = "paper"
-    """Domain-weight update (REFERENCE §5): paper clamps the excess loss at 0, reference_code
+    """Domain-weight update (docs/method.md §5): paper clamps the excess loss at 0, reference_code
     does not and smooths; constant keeps the weights (Sheared-LLaMA update_type)."""
     update_interval: int = 50
     """Steps between domain-weight updates (Sheared-LLaMA eval_interval: 50 for pruning, 400 for
@@ -171,6 +171,9 @@ class DataConfig:
     """reference_code only: mix the new weights with this share of uniform (reference 1e-4)."""
     eval_sequences_per_domain: int = 16
     """Validation sequences per domain (of model.seq_length tokens) for the per-domain losses."""
+    eval_split: Literal["valid", "test"] = "valid"
+    """evaluate: the split it reports on; test is the held-out split that neither training nor
+    dynamic batch loading reads (preprocess_data.py --test-tokens-per-domain)."""
     write_reference: bool = False
     """evaluate: store the losses in the manifest as its reference losses (source reference)."""
     seed: int = 1234

@@ -19,7 +19,6 @@ from megashear.training.batches import split_for_rank
 from tests.launch import megashear_cli
 
 ROOT = Path(__file__).resolve().parents[1]
-CORPUS = ROOT.parent / "shared" / "corpus"
 
 
 def test_domain_frequencies_follow_the_weights():
@@ -262,7 +261,7 @@ def test_scaling_fit_recovers_a_known_law_and_needs_three_points(tmp_path):
     assert abs(got - float(scaling_law(2e9, a, b, c))) < 1e-6
     with pytest.raises(ValueError, match="domain y: a scaling fit needs at least 3"):
         reference_losses({"y": [[1e9, 2.0], [2e9, 1.9]]}, 1e9)
-    # the tool: REFERENCE §5's LLaMA2 losses evaluated at the 1.3B target lie above the 7B ones
+    # the tool: docs/method.md §5's LLaMA2 losses evaluated at the 1.3B target lie above the 7B ones
     (tmp_path / "pts.json").write_text(
         json.dumps(
             {
@@ -457,3 +456,47 @@ def test_training_with_dataloader_workers_matches_in_process_fetching(small_data
     assert len(losses) == 6 and len(updates) == 3
     assert updates[0] != updates[-1]  # the weights moved, so later batches follow new weights
     assert runs[2] == runs[0]
+
+
+def test_test_split_is_held_out_after_the_validation_tokens(small_data, tmp_path):
+    from megashear.data.loader import validation_batches
+
+    d, _, first = small_data
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "tools/preprocess_data.py"),
+            "--input",
+            str(d),
+            "--tokenizer",
+            str(d / "tok.model"),
+            "--output-dir",
+            str(tmp_path / "out"),
+            "--valid-tokens-per-domain",
+            "50",
+            "--test-tokens-per-domain",
+            "40",
+            "--workers",
+            "1",
+            "--max-bad-fraction",
+            "0.05",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    m = load_manifest(str(tmp_path / "out" / "manifest.yaml"))
+    plain = load_manifest(str(d / "out" / "manifest.yaml"))
+    for dom, ref in zip(m.domains, plain.domains):
+        valid, test = token_stream(dom.valid_prefix), token_stream(dom.test_prefix)
+        assert len(valid) == 50 and len(test) == 40
+        # the same stream as without a test split: valid, then test, then train
+        assert np.array_equal(valid, token_stream(ref.valid_prefix))
+        split = np.concatenate([test, token_stream(dom.train_prefix)])
+        assert np.array_equal(split, token_stream(ref.train_prefix))
+    valid = validation_batches(m, 8, 3, str(tmp_path / "c"))
+    test = validation_batches(m, 8, 3, str(tmp_path / "c"), split="test")
+    assert not np.array_equal(valid["alpha"]["tokens"].numpy(), test["alpha"]["tokens"].numpy())
+    with pytest.raises(ValueError, match="has no test split"):
+        validation_batches(plain, 8, 3, str(tmp_path / "c"), split="test")

@@ -4,13 +4,16 @@
     python tools/preprocess_data.py --input DIR_OR_FILES --tokenizer tokenizer.model \\
         --output-dir data/ [--valid-tokens-per-domain 2000000] [--workers 4] \\
         [--weights web=0.67,github=0.045,...] [--eos-token T] [--bos-token T] \\
-        [--add-bos|--no-add-bos] [--add-eos|--no-add-eos]
+        [--add-bos|--no-add-bos] [--add-eos|--no-add-eos] [--test-tokens-per-domain N]
 
 One domain per input file (``NAME.jsonl[.gz|.xz]``; a directory means all such files in it).
 The tokenizer is a sentencepiece ``.model``, an HF ``tokenizer.json``, or an HF model directory
 (see ``megashear.data.tokenizer``). Every document ends with EOS (unless ``--no-add-eos``); it
 starts with BOS only if the tokenizer's settings (or ``--add-bos``) say so.
-Writes ``OUT/NAME_train.{bin,idx}``, ``OUT/NAME_valid.{bin,idx}`` and ``OUT/manifest.yaml``
+Writes ``OUT/NAME_train.{bin,idx}``, ``OUT/NAME_valid.{bin,idx}`` (the first validation tokens
+of each domain's stream), with ``--test-tokens-per-domain`` ``OUT/NAME_test.{bin,idx}`` (the next
+ones: a split for reporting that training and dynamic batch loading never read), and
+``OUT/manifest.yaml``
 (which records the tokenizer's kind, vocabulary, BOS/EOS ids and whether they were added).
 More than ``--max-bad-fraction`` malformed lines in a domain is an error.
 """
@@ -33,6 +36,12 @@ def main() -> int:
     )
     parser.add_argument("--output-dir", required=True)
     parser.add_argument("--valid-tokens-per-domain", type=int, default=2_000_000)
+    parser.add_argument(
+        "--test-tokens-per-domain",
+        type=int,
+        default=0,
+        help="also hold out a test split after the validation tokens (default: none)",
+    )
     parser.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2)))
     parser.add_argument("--weights", default="", help="name=w,... (default: uniform)")
     parser.add_argument("--max-bad-fraction", type=float, default=0.01)
@@ -116,18 +125,24 @@ def main() -> int:
                 progress=bar,
                 max_bytes=args.max_bytes_per_domain,
                 tokenizer_options=tokenizer_options,
+                test_tokens=args.test_tokens_per_domain,
             )
             bar.update(max(0, before + os.path.getsize(path) - bar.n))
             lines = stats.documents + stats.bad_lines
             report.append(
                 f"{name}: {stats.documents} documents, {stats.train_tokens} train / "
-                f"{stats.valid_tokens} valid tokens, {stats.bad_lines} malformed lines"
+                f"{stats.valid_tokens} valid"
+                + (f" / {stats.test_tokens} test" if args.test_tokens_per_domain else "")
+                + f" tokens, {stats.bad_lines} malformed lines"
             )
             if lines and stats.bad_lines / lines > args.max_bad_fraction:
                 failed.append(
                     f"{name} ({stats.bad_lines}/{lines} malformed, e.g. {stats.bad_examples[0]!r})"
                 )
-            domains.append(Domain(name, f"{name}_train", f"{name}_valid", weights.get(name, 1.0)))
+            test = f"{name}_test" if args.test_tokens_per_domain > 0 else None
+            domains.append(
+                Domain(name, f"{name}_train", f"{name}_valid", weights.get(name, 1.0), None, test)
+            )
     for line in report:
         print(line)
     if failed:

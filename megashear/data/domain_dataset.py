@@ -117,7 +117,7 @@ def build_domain_dataset(
     """A megatron-core ``GPTDataset`` over ``prefix`` (one epoch unless ``num_samples``).
 
     Args:
-        split: ``train`` or ``valid`` (megatron's Split; both drop a last partial window).
+        split: ``train``, ``valid`` or ``test`` (megatron's Split; all drop a last partial window).
         cache_root: folder for the cached index files (default :func:`default_cache_root`).
         num_samples: at least this many samples (megatron repeats epochs to get them).
         name: the domain name for error messages.
@@ -132,7 +132,7 @@ def build_domain_dataset(
     indexed = IndexedDataset(prefix)
     tokens = int(indexed.sequence_lengths.sum(dtype=np.int64))
     if tokens < seq_length + 1:
-        what = "training" if split == "train" else "validation"
+        what = {"train": "training", "valid": "validation"}.get(split, split)
         raise ValueError(
             f"domain {name or prefix} has {tokens} {what} tokens, fewer than "
             f"seq_length + 1 = {seq_length + 1}"

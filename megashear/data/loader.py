@@ -155,17 +155,29 @@ class DomainBatches:
 
 
 def validation_batches(
-    manifest: Manifest, seq_length: int, sequences: int, cache_dir: str | None = None
+    manifest: Manifest,
+    seq_length: int,
+    sequences: int,
+    cache_dir: str | None = None,
+    split: str = "valid",
 ) -> dict[str, dict[str, torch.Tensor]]:
-    """Per domain, a fixed batch of its first ``sequences`` validation samples ``[n, s]``
-    (fewer if the domain has fewer)."""
+    """Per domain, a fixed batch of its first ``sequences`` samples ``[n, s]`` of ``split``
+    (``valid``, or the held-out ``test``; fewer if the domain has fewer)."""
+    if split not in ("valid", "test"):
+        raise ValueError(f"unknown evaluation split {split!r}; allowed: valid, test")
     out = {}
     for d in manifest.domains:
+        prefix = d.valid_prefix if split == "valid" else d.test_prefix
+        if not prefix:
+            raise ValueError(
+                f"domain {d.name} of {manifest.path or 'the manifest'} has no test split "
+                "(preprocess with --test-tokens-per-domain)"
+            )
         ds = build_domain_dataset(
-            d.valid_prefix,
+            prefix,
             seq_length,
             VALID_SEED,
-            "valid",
+            split,
             cache_dir,
             vocab_size=manifest.vocab_size,
             name=d.name,

@@ -14,6 +14,8 @@ YAML written by ``tools/preprocess_data.py``::
          weight: 0.67, reference_loss: 1.75}
       ...
 
+A domain may also have a ``test_prefix``: a held-out split that training and dynamic batch
+loading never read (``megashear evaluate --data.eval_split=test`` reports on it).
 Prefixes name megatron-core indexed datasets (``PREFIX.bin`` + ``PREFIX.idx``). Weights are
 normalised on load; ``reference_loss`` may be null (then only the constant update rule runs).
 The tokenizer fields after ``vocab_size`` are optional (null: not recorded, as in manifests
@@ -38,6 +40,7 @@ class Domain:
     valid_prefix: str
     weight: float = 1.0
     reference_loss: float | None = None
+    test_prefix: str | None = None
 
 
 @dataclass
@@ -87,7 +90,7 @@ class Manifest:
             raise ValueError("manifest weights sum to zero")
         if check_files:
             for d in self.domains:
-                for prefix in (d.train_prefix, d.valid_prefix):
+                for prefix in filter(None, (d.train_prefix, d.valid_prefix, d.test_prefix)):
                     for ext in (".bin", ".idx"):
                         if not os.path.isfile(prefix + ext):
                             raise ValueError(f"domain {d.name}: {prefix + ext} does not exist")
@@ -111,6 +114,8 @@ def load_manifest(path: str, check_files: bool = True) -> Manifest:
     for d in domains:
         d.train_prefix = _resolve(base, d.train_prefix)
         d.valid_prefix = _resolve(base, d.valid_prefix)
+        if d.test_prefix:
+            d.test_prefix = _resolve(base, d.test_prefix)
     m = Manifest(
         domains,
         tokenizer=_resolve(base, data.get("tokenizer", "")),

@@ -81,6 +81,7 @@ class DomainStats:
     bad_lines: int = 0
     train_tokens: int = 0
     valid_tokens: int = 0
+    test_tokens: int = 0
     bytes: int = 0
     bad_examples: list[str] = field(default_factory=list)
 
@@ -126,8 +127,10 @@ def preprocess_domain(
     progress=None,
     max_bytes: int | None = None,
     tokenizer_options: dict | None = None,
+    test_tokens: int = 0,
 ) -> DomainStats:
-    """Tokenize one domain into ``{out_prefix}_train`` and ``{out_prefix}_valid`` datasets.
+    """Tokenize one domain into ``{out_prefix}_train`` and ``{out_prefix}_valid`` datasets (and
+    ``{out_prefix}_test`` when ``test_tokens`` > 0).
 
     Args:
         path: the domain's JSON Lines file.
@@ -139,12 +142,16 @@ def preprocess_domain(
         max_bytes: stop after that many bytes of input lines (samples of large domains).
         tokenizer_options: ``bos``/``eos``/``add_bos``/``add_eos`` overrides for
             ``load_tokenizer``.
+        test_tokens: tokens held out for a test split right after the validation tokens: data
+            that neither training nor dynamic batch loading (which reads the validation split)
+            ever sees, for reporting.
     """
     import torch
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
     stats = DomainStats(domain_name(path))
-    tmp = {split: f"{out_prefix}_{split}.tmp{os.getpid()}" for split in ("train", "valid")}
+    splits = ("train", "valid", "test") if test_tokens > 0 else ("train", "valid")
+    tmp = {split: f"{out_prefix}_{split}.tmp{os.getpid()}" for split in splits}
     builders = {
         split: IndexedDatasetBuilder(p + ".bin", dtype=np.int32) for split, p in tmp.items()
     }
@@ -161,13 +168,19 @@ def preprocess_domain(
                 if len(stats.bad_examples) < 3:
                     stats.bad_examples.append(line[:80])
                 continue
-            # The first ``valid_tokens`` tokens of the domain's stream are held out; a document
-            # that straddles the cut is split there (its head to validation, its tail to train).
+            # The first ``valid_tokens`` tokens of the domain's stream are held out, then
+            # ``test_tokens``; a document that straddles a cut is split there (its head to the
+            # earlier split, its tail to the next).
             room = max(0, valid_tokens - stats.valid_tokens)
             head, tail = ids[:room], ids[room:]
             if head:
                 builders["valid"].add_document(torch.tensor(head, dtype=torch.int32), [len(head)])
                 stats.valid_tokens += len(head)
+            room = max(0, test_tokens - stats.test_tokens)
+            head, tail = tail[:room], tail[room:]
+            if head:
+                builders["test"].add_document(torch.tensor(head, dtype=torch.int32), [len(head)])
+                stats.test_tokens += len(head)
             if tail:
                 builders["train"].add_document(torch.tensor(tail, dtype=torch.int32), [len(tail)])
                 stats.train_tokens += len(tail)

@@ -1,4 +1,4 @@
-"""Scaling-law reference losses (REFERENCE §5): fit ``L(N) = a·N^(-b) + c`` per domain.
+"""Scaling-law reference losses (docs/method.md §5): fit ``L(N) = a·N^(-b) + c`` per domain.
 
 The authors fit the validation losses of a family of source models (LLaMA2 7B/13B/70B) with
 ``scipy.optimize.curve_fit`` from ``p0 = (406.4, 0.336, 0.69)`` and evaluate the fit at the

@@ -1,4 +1,4 @@
-"""Domain-weight update rules for dynamic batch loading (REFERENCE §5), as pure functions.
+"""Domain-weight update rules for dynamic batch loading (docs/method.md §5), as pure functions.
 
 Every rule maps (weights ``w [k]``, per-domain losses ``ℓ [k]``, reference losses
 ``ℓ_ref [k]``) to new weights that sum to 1:

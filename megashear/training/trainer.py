@@ -13,6 +13,7 @@ the whole global batch, identical on every rank and for every parallel layout.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 from functools import partial
@@ -26,6 +27,7 @@ from megashear.model_config import ModelConfig
 from megashear.models.llama import build_model, build_transformer_config, layer_spec
 from megashear.parallel import init_model_parallel
 from megashear.training.batches import BatchSource, split_for_rank
+from megashear.training.errors import NonFiniteLossError
 
 logger = logging.getLogger(__name__)
 
@@ -298,14 +300,24 @@ class Trainer:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
         reports = self.run_schedule(microbatches, forward_only=False)
+        loss = self.reduce_loss(reports)  # the same on every rank
+        if not math.isfinite(loss):
+            raise NonFiniteLossError(
+                f"the loss of step {self.iteration + 1} is {loss}; stopping before its update "
+                f"(lower train.lr = {self.cfg.lr:g} or set train.clip_grad)"
+            )
         extra = self.after_backward()
         update_ok, grad_norm, _ = self.optimizer.step()
         if not update_ok:
             raise FloatingPointError(f"optimizer step {self.iteration + 1} was skipped")
+        if grad_norm is not None and not math.isfinite(float(grad_norm)):
+            raise NonFiniteLossError(
+                f"the gradient norm of step {self.iteration + 1} is {float(grad_norm)}; stopping "
+                f"without saving it (lower train.lr = {self.cfg.lr:g})"
+            )
         self.after_optimizer_step()
         self.scheduler.step(increment=self.cfg.global_batch_size)
         self.iteration += 1
-        loss = self.reduce_loss(reports)
         if num_domains:
             extra["domain_loss"] = self.domain_train_losses(reports)
         elapsed = time.perf_counter() - start

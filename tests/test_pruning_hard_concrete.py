@@ -81,7 +81,7 @@ def test_init_log_alpha():
 
 def test_soft_mask_hand_values():
     # σ(log α · 1.2): 0 -> 0.5; 3 -> σ(3.6); 5 clamps to ln 100 -> 100^1.2 / (1 + 100^1.2) = 0.996
-    # (the "0.996" survivors of REFERENCE §2).
+    # (the "0.996" survivors of docs/method.md §2).
     soft = hc.soft_mask(torch.tensor([0.0, 3.0, 5.0], dtype=torch.float64))
     expected = [0.5, 0.973403006423134, 0.9960347143808478]
     torch.testing.assert_close(soft, torch.tensor(expected, dtype=torch.float64))

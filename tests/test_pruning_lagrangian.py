@@ -8,12 +8,7 @@ import torch
 from megashear.model_config import ModelConfig
 from megashear.pruning import hard_concrete as hc
 from megashear.pruning.finalize import finalization_masks
-from megashear.pruning.lagrangian import (
-    Lagrangian,
-    build_optimizer,
-    expected_num_parameters,
-    expected_num_parameters_reference,
-)
+from megashear.pruning.lagrangian import ADAM_EPS, BETAS, Lagrangian, expected_num_parameters
 from megashear.pruning.targets import make_target
 
 
@@ -42,11 +37,30 @@ def test_value_by_hand():
     assert lag.lambda_values()["lambda_1/head"] == 2.0
 
 
+class _Optimizers:
+    """The pruning trainer's two optimizers: log α descends in a group without weight decay
+    (megatron's optimizer there, a plain AdamW here); λ ascends through its own AdamW from
+    :meth:`Lagrangian.make_optimizer` (``maximize=True``)."""
+
+    def __init__(self, log_alphas, lag: Lagrangian, lr: float) -> None:
+        self.log_alpha = torch.optim.AdamW(
+            list(log_alphas), lr=lr, betas=BETAS, eps=ADAM_EPS, weight_decay=0.0
+        )
+        self.lam = lag.make_optimizer(lr=lr)
+
+    def zero_grad(self) -> None:
+        self.log_alpha.zero_grad()
+        self.lam.zero_grad()
+
+    def step(self) -> None:
+        self.lam.step()
+        self.log_alpha.step()
+
+
 def _setup():
     la = torch.nn.Parameter(torch.full((2, 4), 2.0))  # head mask [L=2, a=4]
     lag = Lagrangian({"head": 0.5})
-    opt = build_optimizer([], [la], lag, lr_log_alpha=0.1, lr_lambda=0.1)
-    return la, lag, opt
+    return la, lag, _Optimizers([la], lag, lr=0.1)
 
 
 def _value(lag, la):
@@ -56,9 +70,10 @@ def _value(lag, la):
 
 def test_lambda_ascends_and_log_alpha_descends():
     la, lag, opt = _setup()
-    assert [g["name"] for g in opt.param_groups] == ["model", "log_alpha", "lambda"]
-    assert [g["maximize"] for g in opt.param_groups] == [False, False, True]
-    assert all(g["weight_decay"] == 0.0 for g in opt.param_groups[1:])
+    assert [g["maximize"] for g in opt.log_alpha.param_groups] == [False]
+    assert [g["maximize"] for g in opt.lam.param_groups] == [True]
+    groups = opt.log_alpha.param_groups + opt.lam.param_groups
+    assert all(g["weight_decay"] == 0.0 for g in groups)
     # Step 1 from λ = 0: L_lag = 0 and only λ moves, in the direction that increases L_lag.
     before = _value(lag, la)
     loss = lag({"head": hc.expected_sparsity(la)}, 0)
@@ -100,14 +115,8 @@ def test_make_optimizer_ascends():
     opt.step()
     assert lag({"hidden": s}, 0).item() > loss.item()
     assert opt.param_groups[0]["lr"] == 0.5 and opt.param_groups[0]["betas"] == (0.9, 0.95)
-
-
-def test_build_optimizer_defaults():
-    model = torch.nn.Linear(2, 2)
-    lag = Lagrangian({"head": 0.5})
-    opt = build_optimizer(model.parameters(), [torch.nn.Parameter(torch.zeros(3))], lag)
-    assert [g["lr"] for g in opt.param_groups] == [1e-4, 1.0, 1.0]
-    assert all(g["betas"] == (0.9, 0.95) and g["eps"] == 1e-8 for g in opt.param_groups)
+    (group,) = lag.make_optimizer().param_groups  # defaults: lr 1.0, eps 1e-8, no decay
+    assert (group["lr"], group["eps"], group["weight_decay"]) == (1.0, 1e-8, 0.0)
 
 
 def test_optimisation_reaches_targets_after_warmup():
@@ -116,7 +125,7 @@ def test_optimisation_reaches_targets_after_warmup():
     targets = {"hidden": 0.5, "head": 0.5, "intermediate": 0.5, "layer": 0.25}
     la = {k: torch.nn.Parameter(hc.init_log_alpha(s)) for k, s in shapes.items()}
     lag = Lagrangian(targets, warmup_steps=100)
-    opt = build_optimizer([], la.values(), lag, lr_log_alpha=0.1, lr_lambda=0.1)
+    opt = _Optimizers(la.values(), lag, lr=0.1)
     for step in range(250):
         loss = lag({k: hc.expected_sparsity(v) for k, v in la.items()}, step)
         opt.zero_grad()
@@ -131,6 +140,18 @@ def test_optimisation_reaches_targets_after_warmup():
 
 
 # ----------------------------------------------------------------------------- E[N]
+
+
+def _expected_params_mha_formula(cfg: ModelConfig, keep: dict[str, torch.Tensor]) -> float:
+    """docs/method.md §3's MHA formula for E[N], literally (oracle for the general one)."""
+    h = cfg.hidden_size
+    s_d = float(keep["hidden"].sum()) if "hidden" in keep else float(h)
+    s_l = keep.get("layer", torch.ones(cfg.num_layers))
+    s_lh = keep.get("head", torch.ones(cfg.num_layers, cfg.num_attention_heads))
+    s_li = keep.get("intermediate", torch.ones(cfg.num_layers, cfg.ffn_hidden_size))
+    head_term = float((s_l[:, None] * s_lh).sum())
+    int_term = float((s_l[:, None] * s_li).sum())
+    return 4 * (h / cfg.num_attention_heads) * s_d * head_term + 3 * s_d * int_term
 
 
 def test_expected_params_all_kept_equals_block_count():
@@ -154,7 +175,7 @@ def test_expected_params_matches_reference_formula_for_mha():
         "layer": torch.rand(3, generator=g, dtype=torch.float64),
     }
     assert float(expected_num_parameters(cfg, keep)) == pytest.approx(
-        expected_num_parameters_reference(cfg, keep), rel=1e-12
+        _expected_params_mha_formula(cfg, keep), rel=1e-12
     )
 
 

@@ -31,12 +31,13 @@ import pytest
 import torch
 
 from megashear.model_config import ModelConfig
+from megashear.paths import corpus_dir
 from tests.launch import megashear_cli, prune_torchrun
 
 pytestmark = pytest.mark.dist
 ROOT = Path(__file__).resolve().parents[1]
 TOOL = str(ROOT / "tools" / "convert_checkpoint.py")
-CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus"
+CORPUS = corpus_dir()
 DOMAINS = ("web", "github", "wikipedia", "books", "arxiv", "stackexchange")
 SEQ = 128
 WINDOWS = 2  # per domain

@@ -18,10 +18,10 @@ import pytest
 from megashear.data.loader import token_stream
 from megashear.data.manifest import load_manifest
 from megashear.data.tokenizer import export_tokenizer, load_tokenizer
+from megashear.paths import corpus_dir
 
 ROOT = Path(__file__).resolve().parents[1]
-CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus"
-pytestmark = pytest.mark.skipif(not CORPUS.is_dir(), reason="needs ../shared/corpus")
+CORPUS = corpus_dir()
 
 SENTENCE = "The quick brown fox, Zwölf Boxkämpfer, jumps over 12 lazy dogs!"
 

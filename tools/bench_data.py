@@ -33,7 +33,7 @@ from megashear.data.domain_dataset import stack_samples
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# REFERENCE §5's RedPajama proportions on the corpus's domains (web stands in for cc + c4).
+# docs/method.md §5's RedPajama proportions on the corpus's domains (web stands in for cc + c4).
 WEIGHTS = {
     "web": 0.82,
     "github": 0.045,
@@ -146,7 +146,11 @@ def stall_per_batch(make_source, batches: int, batch: int, step_seconds: float) 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--corpus", default=str(ROOT.parent / "shared" / "corpus"))
+    from megashear.paths import corpus_dir
+
+    parser.add_argument(
+        "--corpus", default=str(corpus_dir()), help="default: $MEGASHEAR_CORPUS or ../shared/corpus"
+    )
     parser.add_argument("--cache", default="/tmp/megashear-bench-data")
     parser.add_argument("--bytes-per-domain", type=int, default=3_000_000)
     parser.add_argument("--vocab-size", type=int, default=8000)

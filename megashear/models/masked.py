@@ -59,7 +59,7 @@ class MaskBank(nn.Module):
         layer_numbers: global 0-based indices of this chunk's layers.
         tp_rank, tp_size: this rank's tensor-parallel position.
         seed: keys the sampling noise.
-        init_mean: mean of the log α initialisation (REFERENCE: N(5, 0.01)).
+        init_mean: mean of the log α initialisation (docs/method.md §2: N(5, 0.01)).
     """
 
     def __init__(

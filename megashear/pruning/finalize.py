@@ -1,4 +1,4 @@
-"""Finalisation: deterministic masks -> a dense LLaMA of the target shape (REFERENCE §4).
+"""Finalisation: deterministic masks -> a dense LLaMA of the target shape (docs/method.md §4).
 
 Works on canonical full (unsharded) weights (layout in :mod:`megashear.layout`) and on mask
 dicts of full tensors (layout in :mod:`.hard_concrete`; soft values on survivors, 0 on pruned
@@ -14,9 +14,9 @@ Folding the survivors' soft values (so that the pruned model equals the masked m
   With tied embeddings the one matrix is both: it carries ``z_H`` (for the embedding), so the
   final norm weight is only sliced, and the logits ``(norm·w)·(E·z_H)ᵀ = (norm·w·z_H)·Eᵀ`` are the
   masked model's. The finalised model stays tied.
-- ``head``: the input columns of ``o`` for that head. REFERENCE §4 folds it into the value rows,
-  which is identical for MHA; with GQA a value head is shared by the group's query heads, so
-  the per-query-head scale can only go to ``o``'s columns.
+- ``head``: the input columns of ``o`` for that head. The reference code (docs/method.md §4)
+  folds it into the value rows, which is identical for MHA; with GQA a value head is shared by
+  the group's query heads, so the per-query-head scale can only go to ``o``'s columns.
 - ``head_layer`` and ``layer``: all of ``o``. ``mlp`` and ``layer``: all of ``down``.
 - ``intermediate``: the rows of ``up``.
 

@@ -1,6 +1,6 @@
 """Hard-concrete masks (Louizos et al. 2018) as used by Sheared-LLaMA: pure torch, no megatron.
 
-Every mask entry has a learnable ``log α``. Constants (REFERENCE §2): β = 2/3, stretch limits
+Every mask entry has a learnable ``log α``. Constants (docs/method.md §2): β = 2/3, stretch limits
 l = -0.1 and r = 1.1, ε = 1e-6; ``log α`` is initialised N(5, 0.01) and clamped to
 [ln 0.01, ln 100] whenever it is used.
 

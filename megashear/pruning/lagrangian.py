@@ -1,4 +1,4 @@
-"""The Lagrangian toward a target shape (REFERENCE §3), its optimizer, and E[N] for logging.
+"""The Lagrangian toward a target shape (docs/method.md §3), its optimizer, and E[N] for logging.
 
 ``L_lag = Σ_m mean_rows[λ1_m (ŝ_m - t_m(step)) + λ2_m (ŝ_m - t_m(step))²]`` with one scalar
 (λ1, λ2) pair per mask kind, both starting at 0, and the warm-up
@@ -16,7 +16,6 @@ gradient hook). The model and ``log α`` minimise ``LM loss + L_lag`` in their o
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -85,42 +84,12 @@ class Lagrangian(nn.Module):
         )
 
 
-def build_optimizer(
-    model_params: Iterable[nn.Parameter],
-    log_alpha_params: Iterable[nn.Parameter],
-    lagrangian: Lagrangian,
-    lr_model: float = 1e-4,
-    lr_log_alpha: float = 1.0,
-    lr_lambda: float = 1.0,
-    model_weight_decay: float = 0.0,
-    betas: tuple[float, float] = BETAS,
-    eps: float = ADAM_EPS,
-) -> torch.optim.AdamW:
-    """One AdamW with three parameter groups: model, ``log α`` (descent) and λ (ascent).
-
-    Groups are in that order and carry a ``"name"`` key. Masks and λ have no weight decay; λ's
-    group has ``maximize=True``.
-    """
-    groups = [
-        dict(params=list(model_params), lr=lr_model, weight_decay=model_weight_decay, name="model"),
-        dict(params=list(log_alpha_params), lr=lr_log_alpha, weight_decay=0.0, name="log_alpha"),
-        dict(
-            params=list(lagrangian.parameters()),
-            lr=lr_lambda,
-            weight_decay=0.0,
-            maximize=True,
-            name="lambda",
-        ),
-    ]
-    return torch.optim.AdamW(groups, betas=betas, eps=eps, maximize=False)
-
-
 def expected_num_parameters(
     cfg: ModelConfig, keep: dict[str, torch.Tensor], include_embeddings: bool = False
 ) -> torch.Tensor:
     """Expected parameter count ``E[N]`` from full keep probabilities ``P(z≠0)`` per kind.
 
-    REFERENCE §3, generalised: with ``s_d`` hidden, ``s_l`` layer-level and ``s_{l,j}`` head /
+    docs/method.md §3, generalised: with ``s_d`` hidden, ``s_l`` layer-level and ``s_{l,j}`` head /
     intermediate keep probabilities (absent kinds count as 1), and ``E[h] = Σ_d s_d``,
 
     - attention of layer ``l``: ``hn · E[h] · s_l^attn · (2 Σ_j s_{l,j} + 2 Σ_groups P(alive))``
@@ -154,15 +123,3 @@ def expected_num_parameters(
     if include_embeddings:
         total = total + 2 * cfg.vocab_size * s_h + s_h + 2 * s_h * s_layer.sum()
     return total
-
-
-def expected_num_parameters_reference(cfg: ModelConfig, keep: dict[str, torch.Tensor]) -> float:
-    """REFERENCE §3's MHA formula, literally (for checking :func:`expected_num_parameters`)."""
-    h = cfg.hidden_size
-    s_d = float(keep["hidden"].sum()) if "hidden" in keep else float(h)
-    s_l = keep.get("layer", torch.ones(cfg.num_layers))
-    s_lh = keep.get("head", torch.ones(cfg.num_layers, cfg.num_attention_heads))
-    s_li = keep.get("intermediate", torch.ones(cfg.num_layers, cfg.ffn_hidden_size))
-    head_term = float((s_l[:, None] * s_lh).sum())
-    int_term = float((s_l[:, None] * s_li).sum())
-    return 4 * (h / cfg.num_attention_heads) * s_d * head_term + 3 * s_d * int_term

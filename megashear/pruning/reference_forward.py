@@ -1,6 +1,6 @@
 """Pure-torch LLaMA forward on canonical weights, plain and under hard-concrete masks.
 
-This is the executable definition of what the masks mean (REFERENCE §2), used to test
+This is the executable definition of what the masks mean (docs/method.md §2), used to test
 finalisation; it is not a training path. Weights are canonical (:mod:`megashear.layout`); a tied
 model has no ``lm_head`` and uses the embedding as its LM head.
 
@@ -82,7 +82,7 @@ def masked_llama_forward(
     masks: dict[str, torch.Tensor],
     tokens: torch.Tensor,
 ) -> torch.Tensor:
-    """Logits ``[b, s, v]`` of the masked model for ``tokens [b, s]`` (REFERENCE §2 table).
+    """Logits ``[b, s, v]`` of the masked model for ``tokens [b, s]`` (docs/method.md §2 table).
 
     - embeddings ``× z_hidden``;
     - every RMSNorm: variance over kept hidden dims, ``× weight × z_hidden``;

@@ -1,4 +1,4 @@
-"""Dynamic batch loading (REFERENCE §5) wired into a trainer.
+"""Dynamic batch loading (docs/method.md §5) wired into a trainer.
 
 Every ``interval`` steps: the per-domain validation loss (token-weighted mean over each domain's
 fixed validation batch; computed on the last pipeline stage, summed over DP and broadcast, so

@@ -10,7 +10,7 @@ On top of :class:`Trainer` this adds, per step:
 3. λ takes a gradient-ascent step with its own AdamW (``maximize=True``), and the model and log α
    take their step in megatron's optimizer (log α in its own parameter group, no weight decay).
 
-Evaluation uses the deterministic masks (REFERENCE §2), computed from the gathered full log α.
+Evaluation uses the deterministic masks (docs/method.md §2), computed from the gathered full log α.
 """
 
 from __future__ import annotations
@@ -29,8 +29,6 @@ from megashear.training.batches import BatchSource
 from megashear.training.trainer import Trainer, forward_batch
 
 logger = logging.getLogger(__name__)
-
-LAYER_KINDS = ("head_layer", "mlp", "layer")
 
 
 def masked_forward_step(data_iterator, model):

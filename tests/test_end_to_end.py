@@ -1,6 +1,6 @@
-"""The demo pipeline at micro scale: tokenizer -> preprocess -> source -> prune (TP2, dynamic
-batch loading) -> finalize -> continue -> HF export that transformers loads and generates from ->
-plots -> summary table."""
+"""``make demo`` at micro scale on the real SmolLM2-135M: convert + tokenise with its own tokenizer
+-> source reference losses -> prune (PP2, dynamic batch loading) -> finalize -> continue (TP2)
+-> HF export that transformers loads alone and generates from -> plots -> summary table."""
 
 from __future__ import annotations
 
@@ -12,65 +12,59 @@ from pathlib import Path
 
 import pytest
 
+from megashear.paths import corpus_dir
+
 ROOT = Path(__file__).resolve().parents[1]
-CORPUS = ROOT.parent / "shared" / "corpus"
+CORPUS = corpus_dir()
+DOMAINS = {"web", "github", "wikipedia", "books", "arxiv", "stackexchange"}
 pytestmark = pytest.mark.dist
 
 
-@pytest.mark.skipif(not CORPUS.is_dir(), reason="needs ../shared/corpus")
-def test_demo_pipeline_micro(tmp_path):
+def test_demo_pipeline_micro(tmp_path, smollm2_hf):
     out = tmp_path / "demo"
     env = dict(os.environ, PYTHONWARNINGS="ignore", CUDA_VISIBLE_DEVICES="")
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "tools/demo.py"),
-            "--out",
-            str(out),
-            "--bytes-per-domain",
-            "150000",
-            "--vocab-size",
-            "1000",
-            "--source-steps",
-            "12",
-            "--prune-steps",
-            "8",
-            "--continue-steps",
-            "6",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=900,
-        env=env,
-        cwd=ROOT,
-    )
+    cmd = [
+        sys.executable, str(ROOT / "tools/demo.py"),
+        "--out", str(out),
+        "--corpus", str(CORPUS),
+        "--cache-dir", str(smollm2_hf.parents[1]),
+        "--bytes-per-domain", "30000",
+        "--seq-length", "32",
+        "--eval-sequences", "2",
+        "--prune-steps", "2", "--prune-batch", "2", "--prune-micro-batch", "1",
+        "--prune-updates", "1",
+        "--continue-steps", "2", "--continue-batch", "2", "--continue-micro-batch", "1",
+        "--continue-updates", "1", "--continue-tp", "2",
+        "--new-tokens", "4",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     text = proc.stdout
-    assert "per-domain validation loss" in text and "transformers sample:" in text
-    for stage in ("source", "pruned (masked)", "finalized", "continued"):
-        assert any(line.startswith(stage) for line in text.splitlines()), stage
-    # the finalised model has exactly the target shape, and the export says so too
+    assert "per-domain validation loss" in text and "sheared: '" in text
+    rows = {line.split()[0] for line in text.splitlines() if line.strip()}
+    assert {"source", "pruned", "finalized", "continued"} <= rows
+    # the source row holds SmolLM2's own losses: written into the manifest as the reference
+    manifest = (out / "data" / "manifest.yaml").read_text()
+    assert manifest.count("reference_loss: ") == 6 and "reference_loss: null" not in manifest
+    # the finalised model has exactly the target shape, stays tied, and the export says so too
     hf_config = json.loads((out / "hf" / "config.json").read_text())
-    assert (
-        hf_config["num_hidden_layers"],
-        hf_config["hidden_size"],
-        hf_config["num_attention_heads"],
-        hf_config["intermediate_size"],
-    ) == (2, 96, 2, 192)
+    shape = ("num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads")
+    assert tuple(hf_config[k] for k in shape) == (16, 384, 6, 2)
+    assert hf_config["intermediate_size"] == 1024 and hf_config["tie_word_embeddings"] is True
+    assert hf_config["vocab_size"] == 49152
     meta = json.loads(next((out / "ckpt" / "final").glob("iter_*/megashear.json")).read_text())
-    assert meta["model"]["num_layers"] == 2 and meta["model"]["hidden_size"] == 96
+    assert meta["model"]["num_layers"] == 16 and meta["model"]["tie_word_embeddings"] is True
+    assert (out / "hf" / "tokenizer.json").is_file()
+    # pruning ran at PP2, continued pre-training at TP2
+    prune_meta = json.loads(
+        next((out / "ckpt" / "prune").glob("iter_*/megashear.json")).read_text()
+    )
+    cont_meta = json.loads(
+        next((out / "ckpt" / "continue").glob("iter_*/megashear.json")).read_text()
+    )
+    assert prune_meta["layout"]["pp"] == 2 and cont_meta["layout"]["tp"] == 2
     pngs = {p.name for p in out.glob("*/plots/*.png")}
     assert {"loss.png", "sparsity.png", "domain_weights.png", "excess_loss.png"} <= pngs
-    events = [json.loads(x) for x in (out / "prune" / "events.jsonl").read_text().splitlines()]
-    assert any(e["kind"] == "domain_update" for e in events)
-    # per-domain training loss is logged with every step of a manifest-driven run
     cont = [json.loads(x) for x in (out / "continue" / "events.jsonl").read_text().splitlines()]
     train = [e for e in cont if e["kind"] == "train"]
-    assert train and set(train[-1]["domain_loss"]) <= {
-        "web",
-        "github",
-        "wikipedia",
-        "books",
-        "arxiv",
-        "stackexchange",
-    }
+    assert train and set(train[-1]["domain_loss"]) <= DOMAINS

@@ -1,274 +1,236 @@
 #!/usr/bin/env python3
-"""``make demo``: the whole megashear pipeline on CPU, on the six-domain corpus in ../shared/corpus.
+"""``make demo``: shear the real pretrained SmolLM2-135M end to end on CPU.
 
 Stages (each a real command, each timed):
 
-1. tokenizer   ``tools/train_tokenizer.py``: LLaMA-style sentencepiece BPE on a sample;
-2. preprocess  ``tools/preprocess_data.py``: per-domain indexed datasets + validation splits;
-3. source      ``megashear train``: a tiny LLaMA trained from scratch, so pruning has something
-               to keep; then ``megashear evaluate`` writes its per-domain losses into the
-               manifest as the reference losses (the paper's "source reference" mode);
-4. prune       ``megashear prune`` under torchrun at TP2 (two processes), with dynamic batch
-               loading;
+1. convert     ``tools/fetch_smollm2.py``'s cached HF directory of SmolLM2-135M-Instruct
+               (30 layers x 576, 9 heads in 3 KV groups, FFN 1536, vocab 49152, tied
+               embeddings) -> a megatron-core checkpoint (``tools/convert_checkpoint.py
+               hf-to-megatron``);
+2. preprocess  ``tools/preprocess_data.py`` with the model's own tokenizer: per-domain indexed
+               datasets of the six-domain corpus and their validation splits (run beside 1);
+3. source      ``megashear evaluate --data.write_reference=true``: the source's per-domain
+               losses become the reference losses of dynamic batch loading ("source
+               reference");
+4. prune       ``megashear prune`` under torchrun at PP2 (two processes; 9 heads cannot be
+               split by TP2) with dynamic batch loading, toward 16 layers x 384, 6 heads in 2
+               KV groups (head dim 64), FFN 1024: 44.05M parameters, the tie counted once;
 5. finalize    ``megashear finalize``: the dense model of exactly the target shape;
 6. continue    ``megashear train`` from the finalised model, dynamic batch loading starting
                from the final pruning weights;
-7. export      ``tools/convert_checkpoint.py megatron-to-hf``; transformers loads the export
-               and generates a sample;
+7. export      ``tools/convert_checkpoint.py megatron-to-hf`` with the tokenizer; transformers
+               loads the export alone and generates greedily;
 8. plots       ``tools/plot_run.py`` for every run.
 
-It ends with a summary: parameters before and after, per-domain validation loss after each
-stage, the final domain weights and the time of every stage.
+Steps 3-6 each end with ``megashear evaluate`` on the same validation windows. The demo ends
+with a summary: per-domain validation loss after each stage, parameters, stage times, the final
+domain weights and the transformers sample. The options let a test run it at micro scale.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from stage_runner import ROOT, StageRunner, flags, last_json  # noqa: E402
+from shear_stages import ShearStages, load_fetcher, manifest_with_weights  # noqa: E402
+from stage_runner import StageRunner, last_json  # noqa: E402
 
-CORPUS = ROOT.parent / "shared" / "corpus"
-DOMAINS = ("web", "github", "wikipedia", "books", "arxiv", "stackexchange")
+from megashear.paths import corpus_dir  # noqa: E402
 
-SOURCE = {
-    "num_layers": 4,
-    "hidden_size": 128,
-    "num_attention_heads": 4,
-    "num_query_groups": 4,
-    "ffn_hidden_size": 352,
-    "seq_length": 128,
-}
 TARGET = {
-    "num_layers": 2,
-    "hidden_size": 96,
-    "num_attention_heads": 2,
+    "num_layers": 16,
+    "hidden_size": 384,
+    "num_attention_heads": 6,
     "num_query_groups": 2,
-    "ffn_hidden_size": 192,
+    "ffn_hidden_size": 1024,
 }
+PROMPT = "The history of the Roman Empire"
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="runs/demo")
-    parser.add_argument("--corpus", default=str(CORPUS))
-    parser.add_argument("--bytes-per-domain", type=int, default=600_000)
-    parser.add_argument("--vocab-size", type=int, default=4000)
-    parser.add_argument("--source-steps", type=int, default=400)
-    parser.add_argument("--prune-steps", type=int, default=160)
-    parser.add_argument("--continue-steps", type=int, default=200)
-    args = parser.parse_args()
-    corpus = Path(args.corpus)
-    missing = [d for d in DOMAINS if not (corpus / f"{d}.jsonl.xz").is_file()]
-    if missing:
-        print(f"error: corpus {corpus} lacks domains {missing}", file=sys.stderr)
-        return 2
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument(
+        "--corpus", default=str(corpus_dir()), help="default: $MEGASHEAR_CORPUS or ../shared/corpus"
+    )
+    p.add_argument("--cache-dir", default=None, help="model cache (default: fetch_smollm2's)")
+    p.add_argument("--bytes-per-domain", type=int, default=500_000, help="text read per domain")
+    p.add_argument("--seq-length", type=int, default=128)
+    p.add_argument("--eval-sequences", type=int, default=16, help="validation windows per domain")
+    p.add_argument("--prune-steps", type=int, default=40)
+    p.add_argument("--prune-batch", type=int, default=8, help="global batch (sequences)")
+    p.add_argument("--prune-micro-batch", type=int, default=2)
+    p.add_argument("--prune-lr", type=float, default=1e-4, help="model weights while pruning")
+    p.add_argument("--prune-updates", type=int, default=2, help="domain-weight updates")
+    p.add_argument("--continue-steps", type=int, default=60)
+    p.add_argument("--continue-batch", type=int, default=8, help="global batch (sequences)")
+    p.add_argument("--continue-micro-batch", type=int, default=4)
+    p.add_argument("--continue-lr", type=float, default=1e-3)
+    p.add_argument("--continue-updates", type=int, default=4, help="domain-weight updates")
+    p.add_argument("--continue-tp", type=int, default=1, choices=(1, 2))
+    p.add_argument("--new-tokens", type=int, default=20, help="tokens generated by transformers")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    t_start = time.time()
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     demo = StageRunner(out, threads=2)
+    stages = ShearStages(demo, args.seq_length, args.eval_sequences, out / "index_cache")
     py = sys.executable
-    data = out / "data"
-    files = [str(corpus / f"{d}.jsonl.xz") for d in DOMAINS]
+    ckpt = out / "ckpt"
 
-    demo.run(
-        "tokenizer",
-        [
-            py,
-            "tools/train_tokenizer.py",
-            "--input",
-            *files,
-            "--vocab-size",
-            str(args.vocab_size),
-            "--sample-bytes-per-domain",
-            "300000",
-            "--output-prefix",
-            str(data / "tokenizer"),
-        ],
+    # 1-2. the model (cached by fetch_smollm2), converted while the corpus is tokenised
+    t = time.time()
+    hf_src = load_fetcher().ensure_smollm2(args.cache_dir)
+    demo.times["fetch"] = time.time() - t
+    converted, manifest = stages.prepare(
+        hf_src, Path(args.corpus), ckpt / "source", out / "data", args.bytes_per_domain
     )
-    demo.run(
-        "preprocess",
-        [
-            py,
-            "tools/preprocess_data.py",
-            "--input",
-            *files,
-            "--tokenizer",
-            str(data / "tokenizer.model"),
-            "--output-dir",
-            str(data),
-            "--valid-tokens-per-domain",
-            "16384",
-            "--workers",
-            "2",
-            "--max-bytes-per-domain",
-            str(args.bytes_per_domain),
-        ],
-    )
-    manifest = data / "manifest.yaml"
-    common = [
-        f"--data.manifest={manifest}",
-        "--data.eval_sequences_per_domain=16",
-        "--train.micro_batch_size=8",
-        "--train.global_batch_size=16",
-    ]
-    model = flags("model", {**SOURCE, "vocab_size": args.vocab_size})
 
-    # 3. source model, then its per-domain losses as the reference
-    demo.megashear(
-        "source",
-        "train",
-        *model,
-        *common,
-        "--data.update_rule=constant",
-        f"--train.train_iters={args.source_steps}",
-        "--train.lr=3e-3",
-        "--train.min_lr=3e-4",
-        "--train.lr_warmup_iters=20",
-        f"--logging.dir={out / 'source'}",
-        f"--checkpoint.save={out / 'ckpt/source'}",
-    )
-    losses = {
-        "source": last_json(
-            demo.megashear(
-                "source",
-                "evaluate",
-                *common,
-                f"--checkpoint.load={out / 'ckpt/source'}",
-                "--data.write_reference=true",
-            )
-        )
-    }
+    # 3. the source's per-domain losses, written into the manifest as the reference
+    losses = {"source": stages.evaluate("source", ckpt / "source", manifest, write_reference=True)}
 
-    # 4. pruning at TP2 with dynamic batch loading
-    demo.megashear(
+    # 4. pruning at PP2 with dynamic batch loading
+    stages.prune(
         "prune",
-        "prune",
-        *common,
-        f"--checkpoint.load={out / 'ckpt/source'}",
-        *flags("pruning", {f"target_{k}": v for k, v in TARGET.items()}),
-        "--parallel.tp=2",
-        f"--train.train_iters={args.prune_steps}",
-        "--train.lr=1e-3",
-        "--train.min_lr=1e-3",
-        "--train.lr_warmup_iters=0",
-        "--pruning.lagrangian_warmup_steps=40",
-        "--pruning.lr_log_alpha=0.5",
-        "--pruning.lr_lambda=0.5",
-        f"--data.update_interval={max(2, args.prune_steps // 8)}",
-        f"--logging.dir={out / 'prune'}",
-        f"--checkpoint.save={out / 'ckpt/prune'}",
-        nproc=2,
+        ckpt / "source",
+        manifest,
+        TARGET,
+        ckpt / "prune",
+        out / "prune",
+        args.prune_steps,
+        args.prune_batch,
+        args.prune_micro_batch,
+        args.prune_lr,
+        args.prune_updates,
     )
-    losses["pruned (masked)"] = last_json(
-        demo.megashear("prune", "evaluate", *common, f"--checkpoint.load={out / 'ckpt/prune'}")
-    )
+    losses["pruned (masked)"] = stages.evaluate("prune", ckpt / "prune", manifest)
 
     # 5. finalize
-    final = last_json(
-        demo.megashear(
-            "finalize",
-            "finalize",
-            f"--checkpoint.load={out / 'ckpt/prune'}",
-            f"--checkpoint.save={out / 'ckpt/final'}",
-        )
-    )
-    losses["finalized"] = last_json(
-        demo.megashear("finalize", "evaluate", *common, f"--checkpoint.load={out / 'ckpt/final'}")
-    )
+    final = stages.finalize("finalize", ckpt / "prune", ckpt / "final")
+    losses["finalized"] = stages.evaluate("finalize", ckpt / "final", manifest)
 
-    # 6. continued pre-training from the final pruning weights
-    from megashear.data.manifest import load_manifest, save_manifest
-    from megashear.training.run_log import read_events
-
-    updates = read_events(str(out / "prune"), "domain_update")
-    cont_manifest = load_manifest(str(manifest))
-    for d in cont_manifest.domains:
-        d.weight = updates[-1]["weights"][d.name] if updates else d.weight
-    save_manifest(cont_manifest, str(data / "manifest_continue.yaml"))
-    cont_common = [c.replace(str(manifest), str(data / "manifest_continue.yaml")) for c in common]
-    demo.megashear(
+    # 6. continued pre-training, dynamic batch loading from the final pruning weights
+    cont_manifest = manifest_with_weights(
+        manifest, out / "prune", manifest.with_name("manifest_continue.yaml")
+    )
+    stages.train(
         "continue",
-        "train",
-        *cont_common,
-        f"--checkpoint.load={out / 'ckpt/final'}",
-        f"--train.train_iters={args.continue_steps}",
-        "--train.lr=2e-3",
-        "--train.min_lr=2e-4",
-        "--train.lr_warmup_iters=10",
-        f"--data.update_interval={max(2, args.continue_steps // 8)}",
-        f"--logging.dir={out / 'continue'}",
-        f"--checkpoint.save={out / 'ckpt/continue'}",
+        cont_manifest,
+        ckpt / "continue",
+        out / "continue",
+        args.continue_steps,
+        args.continue_batch,
+        args.continue_micro_batch,
+        args.continue_lr,
+        args.continue_updates,
+        tp=args.continue_tp,
+        load=ckpt / "final",
     )
-    losses["continued"] = last_json(
-        demo.megashear(
-            "continue", "evaluate", *cont_common, f"--checkpoint.load={out / 'ckpt/continue'}"
-        )
-    )
+    losses["continued"] = stages.evaluate("continue", ckpt / "continue", cont_manifest)
 
-    # 7. export to Hugging Face and generate with transformers
+    # 7. export to Hugging Face with the tokenizer; transformers generates from it (8. plots
+    # meanwhile: they only read the event logs)
     hf_dir = out / "hf"
-    demo.run(
-        "export",
-        [
-            py,
-            "tools/convert_checkpoint.py",
-            "megatron-to-hf",
-            "--load",
-            str(out / "ckpt/continue"),
-            "--save",
-            str(hf_dir),
-            "--tokenizer",
-            str(data / "tokenizer.model"),
-            "--overwrite",
-        ],
-    )
-    sample = demo.run("export", [py, "-c", GENERATE, str(hf_dir)]).strip()
+    export_cmd = [
+        py,
+        "tools/convert_checkpoint.py",
+        "megatron-to-hf",
+        "--load",
+        str(ckpt / "continue"),
+        "--save",
+        str(hf_dir),
+        "--tokenizer",
+        str(hf_src),
+        "--overwrite",
+    ]
+    with ThreadPoolExecutor(1) as pool:
+        plots = pool.submit(
+            lambda: [
+                demo.run("plots", [py, "tools/plot_run.py", str(out / run)])
+                for run in ("prune", "continue")
+            ]
+        )
+        demo.run("export", export_cmd)
+        generated = last_json(
+            demo.run(
+                "export",
+                [py, "-c", GENERATE, str(args.new_tokens), str(hf_dir), str(hf_src)],
+            )
+        )
+        plots.result()
+    wall = time.time() - t_start
 
-    # 8. plots
-    for run in ("source", "prune", "continue"):
-        demo.run("plots", [py, "tools/plot_run.py", str(out / run)])
+    from megashear.model_config import ModelConfig
+    from megashear.training.run_log import read_events
 
     cont_updates = read_events(str(out / "continue"), "domain_update")
     final_weights = cont_updates[-1]["weights"] if cont_updates else {}
-    from megashear.model_config import ModelConfig
-
-    src_cfg = ModelConfig(**{**SOURCE, "vocab_size": args.vocab_size})
-    print("\n================ megashear demo ================")
-    print(
-        f"parameters: source {src_cfg.num_parameters():,} -> finalized "
-        f"{final['parameters']:,} (target {TARGET})"
+    last_prune = read_events(str(out / "prune"), "prune")[-1]
+    src_params = ModelConfig.from_dict(converted["model"]).num_parameters()
+    shape = (
+        f"{TARGET['num_layers']} layers x {TARGET['hidden_size']}, "
+        f"{TARGET['num_attention_heads']} heads in {TARGET['num_query_groups']} KV groups, "
+        f"FFN {TARGET['ffn_hidden_size']}"
     )
+    print("\n================ megashear demo: shear SmolLM2-135M ================")
+    print(
+        f"parameters (tie counted once): source {src_params:,} -> finalized "
+        f"{final['parameters']:,} ({shape}); HF export {generated['parameters']:,}"
+    )
+    sparsity = ", ".join(
+        f"{k} {last_prune[f'expected_sparsity/{k}']:.2f}/{last_prune[f'target_sparsity/{k}']:.2f}"
+        for k in ("layer", "hidden", "head", "intermediate")
+        if f"expected_sparsity/{k}" in last_prune
+    )
+    print(f"expected / target sparsity after {last_prune['step']} pruning steps: {sparsity}")
     names = list(losses["source"])
-    print("\nper-domain validation loss")
-    print(f"{'stage':<18}" + "".join(f"{n[:12]:>13}" for n in names) + f"{'mean':>9}")
+    print(
+        f"\nper-domain validation loss ({args.eval_sequences} x {args.seq_length} tokens per domain)"
+    )
+    print(f"{'stage':<16}" + "".join(f"{n:>14}" for n in names) + f"{'mean':>9}")
     for stage, row in losses.items():
         mean = sum(row.values()) / len(row)
-        print(f"{stage:<18}" + "".join(f"{row[n]:>13.3f}" for n in names) + f"{mean:>9.3f}")
+        print(f"{stage:<16}" + "".join(f"{row[n]:>14.3f}" for n in names) + f"{mean:>9.3f}")
     print("\nfinal domain weights: " + ", ".join(f"{k} {v:.3f}" for k, v in final_weights.items()))
     print(
         "\nstage times (s): "
         + ", ".join(f"{k} {v:.0f}" for k, v in demo.times.items())
-        + f"; total {sum(demo.times.values()):.0f}"
+        + f"; total {wall:.0f} (wall; convert || preprocess and plots || export overlap)"
     )
-    print(f"\ntransformers sample: {sample}")
+    print(f"\ntransformers, greedy, {args.new_tokens} new tokens:")
+    print(f"  source:  {generated['source']!r}")
+    print(f"  sheared: {generated['sheared']!r}")
     print(f"plots: {out}/*/plots/*.png")
     better = all(losses["continued"][n] < losses["finalized"][n] for n in names)
     print(f"continued pre-training lowered every domain's loss: {better}")
     return 0
 
 
-GENERATE = """
-import sys, torch
+# transformers alone: greedy samples from the export and the source, and the export's size
+GENERATE = f"""
+import json, sys, torch
 from transformers import AutoTokenizer, LlamaForCausalLM
-path = sys.argv[1]
-model = LlamaForCausalLM.from_pretrained(path)
-tok = AutoTokenizer.from_pretrained(path)
-ids = tok("The history of", return_tensors="pt").input_ids
-torch.manual_seed(0)
-out = model.generate(ids, max_new_tokens=20, do_sample=False)
-print(repr(tok.decode(out[0], skip_special_tokens=True)))
+new_tokens, sheared, source = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+out = {{}}
+for name, path in (("sheared", sheared), ("source", source)):
+    model = LlamaForCausalLM.from_pretrained(path).eval()
+    tok = AutoTokenizer.from_pretrained(path)
+    ids = tok({PROMPT!r}, return_tensors="pt").input_ids
+    with torch.no_grad():
+        gen = model.generate(ids, max_new_tokens=new_tokens, do_sample=False)
+    out[name] = tok.decode(gen[0], skip_special_tokens=True)
+    if name == "sheared":
+        out["parameters"] = sum(p.numel() for p in model.parameters())
+        out["tied"] = model.lm_head.weight is model.model.embed_tokens.weight
+print(json.dumps(out))
 """
 
 

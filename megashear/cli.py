@@ -61,9 +61,24 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
             raise ConfigError(f"config key 'model_preset': {exc}") from exc
     base = {"model": preset_model.to_dict()} if preset_model else {}
     cfg = config_io.resolve(RunConfig, args.config, args, base=base)
+    if _fresh_resumable_start(cfg):
+        logger.info("no checkpoint in %s yet: starting from scratch", cfg.checkpoint.load)
+        cfg.checkpoint.load = None
     if cfg.checkpoint.load:
         cfg.model = _checkpoint_model(cfg.checkpoint.load, args, preset_model, str(preset))
     return cfg
+
+
+def _fresh_resumable_start(cfg: RunConfig) -> bool:
+    """``checkpoint.load`` equal to ``checkpoint.save`` with nothing saved there yet: the first
+    launch of a command line that a relaunch (torchrun ``--max-restarts``, a requeued Slurm
+    job) repeats to resume, as megatron does when ``--load`` holds no checkpoint."""
+    from megashear.training.checkpointing import META, TRACKER
+
+    load, save = cfg.checkpoint.load, cfg.checkpoint.save
+    if not load or not save or os.path.realpath(load) != os.path.realpath(save):
+        return False
+    return not any(os.path.exists(os.path.join(load, f)) for f in (TRACKER, META))
 
 
 def _checkpoint_model(
@@ -191,8 +206,11 @@ def run_training(trainer, cfg: RunConfig, log, kind: str = "train") -> list[dict
         if dynamic is not None:
             dynamic(trainer, stats)
 
+    from megashear.training.signals import ExitSignals
+
     try:
-        return trainer.train(callback=on_step)
+        with ExitSignals() as signals:
+            return trainer.train(callback=on_step, signals=signals)
     finally:
         bar.close()
         close = getattr(trainer.batches, "close", None)  # stop DataLoader workers, if any
@@ -200,7 +218,7 @@ def run_training(trainer, cfg: RunConfig, log, kind: str = "train") -> list[dict
             close()
 
 
-def cmd_train(cfg: RunConfig) -> None:
+def cmd_train(cfg: RunConfig) -> int | None:
     from megashear.training.run_log import RunLog
     from megashear.training.trainer import Trainer
 
@@ -214,6 +232,23 @@ def cmd_train(cfg: RunConfig) -> None:
         trainer.save()
     log.log("summary", trainer.iteration, {"seconds": time.time() - start})
     log.close()
+    return _interrupted(trainer, cfg)
+
+
+def _interrupted(trainer, cfg: RunConfig) -> int | None:
+    """``128 + signal`` when a signal stopped the run (its checkpoint is saved), else None."""
+    if not trainer.exit_signal:
+        return None
+    import signal
+
+    where = f"saved at {cfg.checkpoint.save}" if cfg.checkpoint.save else "checkpoint.save unset"
+    if _is_rank0():
+        print(
+            f"stopped by {signal.Signals(trainer.exit_signal).name} after step "
+            f"{trainer.iteration} ({where})",
+            file=sys.stderr,
+        )
+    return 128 + trainer.exit_signal
 
 
 def pruning_target(cfg: RunConfig):
@@ -243,7 +278,7 @@ def pruning_target(cfg: RunConfig):
     )
 
 
-def cmd_prune(cfg: RunConfig) -> None:
+def cmd_prune(cfg: RunConfig) -> int | None:
     from megashear.pruning.targets import validate_target
     from megashear.training.pruning_trainer import PruningTrainer
     from megashear.training.run_log import RunLog
@@ -262,6 +297,7 @@ def cmd_prune(cfg: RunConfig) -> None:
         trainer.save()
     log.log("summary", trainer.iteration, {"seconds": time.time() - start})
     log.close()
+    return _interrupted(trainer, cfg)
 
 
 def cmd_finalize(cfg: RunConfig) -> None:
@@ -364,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
         from megashear.config_checks import check_run_config
 
         check_run_config(cfg, args.command, platform.cuda_available())
-        COMMANDS[args.command][0](cfg)
+        code = COMMANDS[args.command][0](cfg)
     except (ValueError, FileNotFoundError) as exc:
         # ConfigError, UsageError, CheckpointError and the library's validation errors
         # (shapes, layouts, targets) are all ValueErrors with one-line messages.
@@ -378,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
         from megashear.parallel import destroy
 
         destroy()
-    return 0
+    return code or 0
 
 
 if __name__ == "__main__":

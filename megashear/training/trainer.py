@@ -419,11 +419,20 @@ class Trainer:
         return torch.cat(parts, dim=0)
 
     def train(
-        self, iterations: int | None = None, callback: Callable[[dict], None] | None = None
+        self,
+        iterations: int | None = None,
+        callback: Callable[[dict], None] | None = None,
+        signals=None,
     ) -> list[dict]:
-        """Run until ``train_iters`` (or ``iterations`` more steps); checkpoint on schedule."""
+        """Run until ``train_iters`` (or ``iterations`` more steps); checkpoint on schedule.
+
+        With ``signals`` (an :class:`~megashear.training.signals.ExitSignals`), stop after the
+        first step at which any rank has received SIGTERM / SIGINT; ``self.exit_signal`` is
+        then that signal's number (else 0).
+        """
         end = self.cfg.train_iters if iterations is None else self.iteration + iterations
         history = []
+        self.exit_signal = 0
         while self.iteration < end:
             stats = self.train_step()
             history.append(stats)
@@ -441,6 +450,10 @@ class Trainer:
             interval = self.ckpt_cfg.save_interval
             if self.ckpt_cfg.save and interval and self.iteration % interval == 0:
                 self.save()
+            if signals is not None and self.iteration < end:
+                self.exit_signal = signals.agreed()
+                if self.exit_signal:
+                    break
         return history
 
     def save(self) -> str:

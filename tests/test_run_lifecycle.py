@@ -1,0 +1,62 @@
+"""What a cluster does to a run: SIGTERM mid-run saves a checkpoint and exits 143; the same
+command line (``checkpoint.load`` = ``checkpoint.save``) starts fresh on an empty directory and
+resumes after a stop."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ENV = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+
+
+def command(tmp_path: Path, iters: int) -> list[str]:
+    ckpt = tmp_path / "ckpt"
+    return [
+        sys.executable, "-m", "megashear.cli", "train",
+        "--model_preset=tiny-gqa", "--data.synthetic=true",
+        f"--train.train_iters={iters}", "--train.log_interval=1",
+        f"--checkpoint.load={ckpt}", f"--checkpoint.save={ckpt}",
+        f"--logging.dir={tmp_path / 'log'}", "--logging.tensorboard=false",
+    ]  # fmt: skip
+
+
+def train_steps(tmp_path: Path) -> list[int]:
+    path = tmp_path / "log" / "events.jsonl"
+    if not path.is_file():
+        return []
+    lines = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    return [e["step"] for e in lines if e["kind"] == "train"]
+
+
+def test_sigterm_saves_and_the_same_command_line_resumes(tmp_path):
+    proc = subprocess.Popen(
+        command(tmp_path, 100_000), stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
+        text=True, env=ENV,
+    )  # fmt: skip
+    try:
+        deadline = time.time() + 120
+        while len(train_steps(tmp_path)) < 3:
+            assert proc.poll() is None and time.time() < deadline, "the run did not start"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    saved = int((tmp_path / "ckpt" / "latest_checkpointed_iteration.txt").read_text())
+    assert saved >= 3 and saved == train_steps(tmp_path)[-1]
+    assert err.strip().splitlines()[-1].startswith(f"stopped by SIGTERM after step {saved}")
+
+    # the same command line, relaunched, resumes at the saved step and runs to the new end
+    done = subprocess.run(
+        command(tmp_path, saved + 2), capture_output=True, text=True, timeout=300, env=ENV
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert int((tmp_path / "ckpt" / "latest_checkpointed_iteration.txt").read_text()) == saved + 2
+    assert train_steps(tmp_path)[-2:] == [saved + 1, saved + 2]

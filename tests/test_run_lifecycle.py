@@ -5,12 +5,15 @@ resumes after a stop."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+import pytest
 
 ENV = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
 
@@ -60,3 +63,31 @@ def test_sigterm_saves_and_the_same_command_line_resumes(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert int((tmp_path / "ckpt" / "latest_checkpointed_iteration.txt").read_text()) == saved + 2
     assert train_steps(tmp_path)[-2:] == [saved + 1, saved + 2]
+
+
+def test_resume_trains_at_the_schedule_it_is_given(tmp_path):
+    first = subprocess.run(
+        command(tmp_path, 4), capture_output=True, text=True, timeout=300, env=ENV
+    )
+    assert first.returncode == 0, first.stderr[-2000:]
+    lrs = {e["step"]: e["lr"] for e in events(tmp_path)}
+    assert lrs[4] == pytest.approx(3e-5)  # the cosine of the first run reached min_lr
+    # extending train_iters re-plans the cosine over 8 steps; a new peak is used as given
+    again = subprocess.run(
+        [*command(tmp_path, 8), "--train.lr=1e-3", "--train.min_lr=1e-4"],
+        capture_output=True, text=True, timeout=300, env=ENV,
+    )  # fmt: skip
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "changed LR schedule" in again.stderr
+    lrs = {e["step"]: e["lr"] for e in events(tmp_path)}
+    # megatron's cosine at step 5 of 8 with warm-up 2, from 1e-3 to 1e-4
+    ratio = (5 - 2) / (8 - 2)
+    expected = 1e-4 + 0.5 * (1e-3 - 1e-4) * (1 + math.cos(math.pi * ratio))
+    assert lrs[5] == pytest.approx(expected, rel=1e-6)
+    assert lrs[8] == pytest.approx(1e-4)
+
+
+def events(tmp_path: Path) -> list[dict]:
+    path = tmp_path / "log" / "events.jsonl"
+    lines = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    return [e for e in lines if e["kind"] == "train"]

@@ -259,6 +259,24 @@ def _rotate(root: str, keep_last: int) -> None:
         shutil.rmtree(iteration_dir(root, it), ignore_errors=True)
 
 
+SCHEDULE_FIELDS = ("max_lr", "min_lr", "lr_warmup_steps", "lr_decay_steps", "lr_decay_style")
+
+
+def _log_schedule_changes(scheduler, saved: dict, ckpt_dir: str) -> None:
+    """Warn about the LR-schedule settings a resumed run changes (the config's values win)."""
+    changed = [
+        f"{k} {saved[k]} -> {getattr(scheduler, k)}"
+        for k in SCHEDULE_FIELDS
+        if k in saved and saved[k] != getattr(scheduler, k)
+    ]
+    if changed:
+        logger.warning(
+            "resuming %s with a changed LR schedule (the config's values are used): %s",
+            ckpt_dir,
+            ", ".join(changed),
+        )
+
+
 def load_checkpoint(trainer, path: str) -> None:
     """Load a checkpoint (root or ``iter_N`` dir) into the trainer, at any layout.
 
@@ -292,7 +310,15 @@ def load_checkpoint(trainer, path: str) -> None:
     loaded = dist_checkpointing.load(request, ckpt_dir)
     _load_model_part(trainer.model, loaded, with_masks)
     if full:
+        # each group's peak / final LR is the config's, not the checkpoint's (see the scheduler)
+        group_lrs = [
+            {k: g[k] for k in ("max_lr", "min_lr") if k in g}
+            for g in trainer.optimizer.param_groups
+        ]
         trainer.optimizer.load_state_dict(loaded["optimizer"])
+        for group, lrs in zip(trainer.optimizer.param_groups, group_lrs):
+            group.update(lrs)
+        _log_schedule_changes(trainer.scheduler, loaded["scheduler"], ckpt_dir)
         trainer.scheduler.load_state_dict(loaded["scheduler"])
         trainer.iteration = int(loaded["iteration"])
         trainer.batches.load_state_dict(loaded["data"])

@@ -221,6 +221,11 @@ class Trainer:
             end_wd=c.weight_decay,
             wd_incr_steps=max(c.train_iters, 1) * gbs,
             wd_incr_style="constant",
+            # On resume the config's schedule wins and only the step count comes from the
+            # checkpoint (megatron --override-opt_param-scheduler): a resumed run trains at the
+            # lr / min_lr / warm-up / decay / train_iters it is given and records in config.yaml.
+            override_opt_param_scheduler=True,
+            use_checkpoint_opt_param_scheduler=False,
         )
 
     # ---------------------------------------------------------------- stepping

@@ -231,6 +231,17 @@ def test_bad_inputs_are_clear_errors(tmp_path):
     )
     assert p.returncode == 2 and "exists (pass --overwrite" in p.stderr
     assert all(ln.startswith("error:") for ln in p.stderr.strip().splitlines()[-1:])
+    # --overwrite onto its own input (or a folder inside it) is refused before anything is touched
+    ok = convert("hf-to-megatron", "--load", str(tmp_path / "sd"), "--save", str(tmp_path / "m"))
+    assert ok.returncode == 2  # no such input
+    make_hf(tmp_path / "src", SHAPES["gqa"])
+    ok = convert("hf-to-megatron", "--load", str(tmp_path / "src"), "--save", str(tmp_path / "m"))
+    assert ok.returncode == 0, ok.stderr[-500:]
+    before = sorted(p.name for p in (tmp_path / "m").rglob("*"))
+    for save in (tmp_path / "m", tmp_path / "m" / "sub"):
+        p = convert("reshard", "--load", str(tmp_path / "m"), "--save", str(save), "--overwrite")
+        assert p.returncode == 2 and "overlaps --load" in p.stderr.strip().splitlines()[-1]
+    assert sorted(p.name for p in (tmp_path / "m").rglob("*")) == before
 
 
 def test_rotary_permutation_is_inverted():

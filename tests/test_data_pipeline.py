@@ -285,6 +285,15 @@ def test_scaling_fit_recovers_a_known_law_and_needs_three_points(tmp_path):
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     assert out["cc"] > 1.7520 and out["github"] > 0.6216
+    for bad in ("-5", "0", "inf"):
+        proc = subprocess.run(
+            [sys.executable, str(ROOT / "tools/fit_reference_loss.py"), str(tmp_path / "pts.json"),
+             "--target-params", bad],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith(
+            "error: --target-params must be a positive parameter count"
+        ), proc.stderr[-500:]
 
 
 def _splitmix_reference(seed: int, i: int) -> float:
@@ -500,3 +509,50 @@ def test_test_split_is_held_out_after_the_validation_tokens(small_data, tmp_path
     assert not np.array_equal(valid["alpha"]["tokens"].numpy(), test["alpha"]["tokens"].numpy())
     with pytest.raises(ValueError, match="has no test split"):
         validation_batches(plain, 8, 3, str(tmp_path / "c"), split="test")
+
+
+def _preprocess(d: Path, inputs: list[Path], out: Path, *extra: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(ROOT / "tools/preprocess_data.py"), "--input", *map(str, inputs)]
+    cmd += ["--tokenizer", str(d / "tok.model"), "--output-dir", str(out), "--workers", "1"]
+    return subprocess.run([*cmd, *extra], capture_output=True, text=True, timeout=300)
+
+
+def test_invalid_utf8_line_is_counted_as_malformed(small_data, tmp_path):
+    d, _, _ = small_data
+    path = tmp_path / "gamma.jsonl"
+    good = json.dumps({"text": "a fine document about cats"}).encode()
+    path.write_bytes(b"\n".join([good] * 30 + [b'{"text": "bad \xff\xfe bytes"}', good]) + b"\n")
+    proc = _preprocess(d, [path], tmp_path / "out", "--valid-tokens-per-domain", "10",
+                       "--max-bad-fraction", "0.05")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-1000:]
+    assert "gamma: 31 documents" in proc.stdout and "1 malformed lines" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--weights", "alpha=-1"], "error: --weights 'alpha=-1': a weight must be a finite"),
+        (["--weights", "alpha=x"], "error: --weights 'alpha=x': a weight must be a finite"),
+        (["--valid-tokens-per-domain", "100000000"], "error: no training tokens in alpha"),
+    ],
+)
+def test_preprocessing_refuses_bad_weights_and_empty_domains(small_data, tmp_path, extra, message):
+    d, _, _ = small_data
+    proc = _preprocess(d, [d / "alpha.jsonl"], tmp_path, "--max-bad-fraction", "0.05", *extra)
+    assert proc.returncode != 0 and proc.stderr.strip().splitlines()[-1].startswith(message)
+    assert not (tmp_path / "manifest.yaml").exists()
+
+
+def test_token_ids_beyond_the_vocabulary_are_refused_at_start_up(small_data, tmp_path):
+    import torch
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    from megashear.data.domain_dataset import build_domain_dataset
+
+    prefix = str(tmp_path / "wide")
+    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=np.int32)
+    builder.add_document(torch.tensor([1, 2, 3, 299, 300, 4] * 10, dtype=torch.int32), [60])
+    builder.finalize(prefix + ".idx")
+    with pytest.raises(ValueError, match="holds token id 300, outside the model's vocabulary"):
+        build_domain_dataset(prefix, 8, 1, "train", str(tmp_path / "c"), vocab_size=300, name="w")
+    assert len(build_domain_dataset(prefix, 8, 1, "train", str(tmp_path / "c"), vocab_size=301)) > 0

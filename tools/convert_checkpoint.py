@@ -49,6 +49,12 @@ def _check_layout(cfg, tp: int, pp: int) -> None:
 
 
 def _check_output(args) -> None:
+    load, save = os.path.realpath(args.load), os.path.realpath(args.save)
+    if load == save or load.startswith(save + os.sep) or save.startswith(load + os.sep):
+        raise ValueError(
+            f"--save {args.save} overlaps --load {args.load}: writing it would destroy the input "
+            "(save to another directory)"
+        )
     if os.path.exists(args.save) and not args.overwrite:
         raise ValueError(f"output {args.save} exists (pass --overwrite to replace it)")
 

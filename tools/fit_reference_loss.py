@@ -45,6 +45,8 @@ def main() -> int:
             n = make_target(get_preset(args.source_preset), args.target_preset).num_parameters()
         else:
             n = args.target_params
+            if not (n > 0 and n != float("inf")):
+                raise ValueError(f"--target-params must be a positive parameter count, got {n:g}")
         losses = reference_losses(data, n)
         if args.write_manifest:
             from megashear.data.manifest import load_manifest, save_manifest

@@ -96,7 +96,15 @@ def main() -> int:
     weights = {}
     for part in filter(None, args.weights.split(",")):
         name, _, value = part.partition("=")
-        weights[name] = float(value)
+        try:
+            weights[name] = float(value)
+        except ValueError:
+            weights[name] = float("nan")
+        if not (weights[name] >= 0 and weights[name] != float("inf")):
+            print(
+                f"error: --weights {part!r}: a weight must be a finite number >= 0", file=sys.stderr
+            )
+            return 2
     names = [domain_name(f) for f in files]
     unknown = sorted(set(weights) - set(names))
     if unknown:
@@ -112,7 +120,7 @@ def main() -> int:
     os.makedirs(args.output_dir, exist_ok=True)
     total = sum(os.path.getsize(f) for f in files)
     start = time.time()
-    domains, report, failed = [], [], []
+    domains, report, failed, empty = [], [], [], []
     with tqdm(total=total, unit="B", unit_scale=True, desc="preprocess") as bar:
         for path, name in zip(files, names):
             before = bar.n
@@ -135,6 +143,8 @@ def main() -> int:
                 + (f" / {stats.test_tokens} test" if args.test_tokens_per_domain else "")
                 + f" tokens, {stats.bad_lines} malformed lines"
             )
+            if stats.train_tokens == 0:
+                empty.append(name)
             if lines and stats.bad_lines / lines > args.max_bad_fraction:
                 failed.append(
                     f"{name} ({stats.bad_lines}/{lines} malformed, e.g. {stats.bad_examples[0]!r})"
@@ -147,6 +157,13 @@ def main() -> int:
         print(line)
     if failed:
         print(f"error: too many malformed lines in {', '.join(failed)}", file=sys.stderr)
+        return 1
+    if empty:
+        print(
+            f"error: no training tokens in {', '.join(empty)} (empty input, or all of it held "
+            "out for validation/test); no manifest written",
+            file=sys.stderr,
+        )
         return 1
     text_mb = sum(os.path.getsize(f) for f in files) / 1e6
     print(f"{text_mb:.1f} MB of input in {time.time() - start:.1f} s")

@@ -104,6 +104,23 @@ def _nonzero_rank() -> bool:
     )
 
 
+def check_token_range(prefix: str, dtype, vocab_size: int, name: str = "") -> None:
+    """Every token id of ``prefix.bin`` lies in ``[0, vocab_size)``; else a one-line
+    ``ValueError`` (data tokenised for another model would otherwise fail mid-forward).
+    Reads the file once, in chunks of 64M tokens."""
+    tokens = np.memmap(prefix + ".bin", dtype=dtype, mode="r")
+    chunk = 1 << 26
+    for start in range(0, len(tokens), chunk):
+        part = tokens[start : start + chunk]
+        lo, hi = int(part.min()), int(part.max())
+        if lo < 0 or hi >= vocab_size:
+            bad = hi if hi >= vocab_size else lo
+            raise ValueError(
+                f"domain {name or prefix}: {prefix}.bin holds token id {bad}, outside the "
+                f"model's vocabulary of {vocab_size} (tokenised for another model?)"
+            )
+
+
 def build_domain_dataset(
     prefix: str,
     seq_length: int,
@@ -149,6 +166,8 @@ def build_domain_dataset(
         return make(final)
     if _nonzero_rank():
         return make("")
+    if vocab_size is not None:  # once, when the indices are built (then cached)
+        check_token_range(prefix, indexed.index.dtype, vocab_size, name)
     os.makedirs(root, exist_ok=True)
     tmp = os.path.join(root, f".tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:

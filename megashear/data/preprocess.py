@@ -30,14 +30,17 @@ _TOKENIZER = None
 
 
 def open_text(path: str):
-    """Open plain, .gz, .xz or .bz2 text."""
+    """Open plain, .gz, .xz or .bz2 UTF-8 text. Invalid bytes do not stop the read: they come
+    through as lone surrogates (``surrogateescape``), and :func:`_encode` counts such a line as
+    malformed."""
+    kw = {"encoding": "utf-8", "errors": "surrogateescape"}
     if path.endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8")
+        return gzip.open(path, "rt", **kw)
     if path.endswith(".xz"):
-        return lzma.open(path, "rt", encoding="utf-8")
+        return lzma.open(path, "rt", **kw)
     if path.endswith(".bz2"):
-        return bz2.open(path, "rt", encoding="utf-8")
-    return open(path, encoding="utf-8")
+        return bz2.open(path, "rt", **kw)
+    return open(path, **kw)
 
 
 INPUT_EXTENSIONS = ("jsonl", "jsonl.gz", "jsonl.xz", "jsonl.bz2")
@@ -97,8 +100,9 @@ def _init_worker(path: str, options: dict) -> None:
 
 def _encode(line: str) -> tuple[list[int] | None, int]:
     try:
+        line.encode("utf-8")  # invalid UTF-8 in the input (see open_text)
         doc = json.loads(line)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, UnicodeEncodeError):
         return None, len(line)
     text = doc.get("text") if isinstance(doc, dict) else None
     if not isinstance(text, str):
@@ -166,7 +170,9 @@ def preprocess_domain(
             if ids is None:
                 stats.bad_lines += 1
                 if len(stats.bad_examples) < 3:
-                    stats.bad_examples.append(line[:80])
+                    stats.bad_examples.append(
+                        line[:80].encode("utf-8", "backslashreplace").decode("utf-8")
+                    )
                 continue
             # The first ``valid_tokens`` tokens of the domain's stream are held out, then
             # ``test_tokens``; a document that straddles a cut is split there (its head to the

@@ -23,7 +23,18 @@ patches, each a few lines, each recorded in :data:`PATCHES` with the failure it 
     the RNG tracker's ``fork()`` work (and fork the CPU generator).
 ``clip_grads``
     ``clip_grad_by_total_norm_fp32`` asserts ``grad.type() == 'torch.cuda.FloatTensor'``; the
-    replacement checks the dtype instead.
+    replacement checks the dtype instead (and scales with ``torch._foreach_mul_``).
+
+Two more patches are for speed, not correctness. Without TE or apex, megatron-core falls back to
+a per-tensor Python loop for the gradient norm and to ``torch.optim.AdamW`` without ``fused`` or
+``foreach``, which on CPU is torch's single-tensor for-loop:
+
+``foreach_grad_norm``
+    the gradient norm with one ``torch._foreach_norm`` over all gradients (megatron's local
+    ``multi_tensor_l2norm`` calls ``torch.norm`` per tensor and builds a tensor of Python floats);
+``fused_adam``
+    megatron's optimizer module builds torch's fused CPU AdamW (``fused=True``; ``foreach=True``
+    where this torch has no fused CPU kernel), probed once on a one-element parameter.
 
 Model configs must also set ``use_cpu_initialization=True`` and ``batch_p2p_sync=False`` on
 CPU; :func:`megashear.models.llama.build_transformer_config` does that.
@@ -286,6 +297,84 @@ def _patch_clip_grads() -> None:
     optimizer.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm_fp32
 
 
+def _foreach_l2_norm(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
+    """Drop-in for ``amp_C.multi_tensor_l2norm``: ``([total L2 norm], None)`` over every tensor of
+    ``tensor_lists``, as a float32 tensor of shape ``[1]``."""
+    tensors = [t for tensors in tensor_lists for t in tensors]
+    if not tensors:
+        return torch.zeros(1), None
+    norms = torch._foreach_norm(tensors)
+    return torch.linalg.vector_norm(torch.stack(norms).float()).reshape(1), None
+
+
+def _patch_foreach_grad_norm() -> None:
+    from megatron.core.optimizer import clip_grads
+
+    clip_grads.l2_norm_impl = _foreach_l2_norm
+
+
+def _fast_cpu_adam_kwargs() -> dict:
+    """``{"fused": True}`` if this torch has a fused CPU Adam kernel, else ``{"foreach": True}``."""
+    p = torch.nn.Parameter(torch.zeros(1))
+    p.grad = torch.ones(1)
+    try:
+        torch.optim.AdamW([p], lr=0.1, fused=True).step()
+        return {"fused": True}
+    except (RuntimeError, TypeError, ValueError):
+        return {"foreach": True}
+
+
+class _FastCpuAdamW(torch.optim.AdamW):
+    """torch's AdamW with the fused (or foreach) CPU implementation unless told otherwise."""
+
+    fast_kwargs: dict = {}
+
+    def __init__(self, params, **kwargs) -> None:
+        if "fused" not in kwargs and "foreach" not in kwargs:
+            kwargs.update(self.fast_kwargs)
+        super().__init__(params, **kwargs)
+
+
+class _FastCpuAdam(torch.optim.Adam):
+    """torch's Adam (coupled weight decay), fused or foreach like :class:`_FastCpuAdamW`."""
+
+    def __init__(self, params, **kwargs) -> None:
+        if "fused" not in kwargs and "foreach" not in kwargs:
+            kwargs.update(_FastCpuAdamW.fast_kwargs)
+        super().__init__(params, **kwargs)
+
+
+class _OptimWithFastAdam(types.ModuleType):
+    """``torch.optim`` with ``AdamW`` / ``Adam`` replaced by their fast CPU forms."""
+
+    def __init__(self) -> None:
+        super().__init__("torch.optim(cpu-fast-adam)")
+        self.AdamW, self.Adam = _FastCpuAdamW, _FastCpuAdam
+
+    def __getattr__(self, name: str):
+        return getattr(torch.optim, name)
+
+
+class _TorchForOptimizer(types.ModuleType):
+    """The ``torch`` of ``megatron.core.optimizer``: the CPU proxy with a fast ``optim``."""
+
+    def __init__(self, base: types.ModuleType) -> None:
+        super().__init__("torch(cpu, fast adam)")
+        self._base = base
+        self.optim = _OptimWithFastAdam()
+
+    def __getattr__(self, name: str):
+        return getattr(self._base, name)
+
+
+def _patch_fused_adam() -> None:
+    import megatron.core.optimizer as mcore_optimizer
+
+    _FastCpuAdamW.fast_kwargs = _fast_cpu_adam_kwargs()
+    if not isinstance(mcore_optimizer.torch, _TorchForOptimizer):
+        mcore_optimizer.torch = _TorchForOptimizer(mcore_optimizer.torch)
+
+
 @dataclass(frozen=True)
 class Patch:
     """A named CPU patch and the failure it prevents."""
@@ -305,6 +394,8 @@ PATCHES: tuple[Patch, ...] = (
     Patch("tensor_cuda", _patch_tensor_cuda, "Tensor.cuda() in optimizer/checkpoint loading"),
     Patch("rng_tracker", _patch_rng_tracker, "model_parallel_cuda_manual_seed reading CUDA RNG"),
     Patch("clip_grads", _patch_clip_grads, "AssertionError on grad.type() in grad clipping"),
+    Patch("foreach_grad_norm", _patch_foreach_grad_norm, "a per-tensor Python loop (speed)"),
+    Patch("fused_adam", _patch_fused_adam, "torch's single-tensor AdamW loop on CPU (speed)"),
 )
 
 _APPLIED: set[str] = set()

@@ -48,6 +48,25 @@ def probe_clip_grads():
     assert torch.allclose(p.grad, torch.full((3,), 0.5), atol=1e-5)
 
 
+def probe_foreach_grad_norm():
+    from megatron.core.optimizer import clip_grads
+
+    grads = [torch.full((3,), 2.0), torch.full((4, 2), 1.0)]
+    total = clip_grads.get_grad_norm_fp32(grads)
+    assert abs(float(total) - (12.0 + 8.0) ** 0.5) < 1e-5
+    name = getattr(clip_grads.l2_norm_impl, "__name__", "")
+    assert name == "_foreach_l2_norm", f"slow path: megatron's l2 norm is {name}"
+
+
+def probe_fused_adam():
+    import megatron.core.optimizer as mcore_optimizer
+
+    p = torch.nn.Parameter(torch.zeros(2))
+    opt = mcore_optimizer.torch.optim.AdamW([p], lr=0.1)
+    fast = opt.defaults.get("fused") or opt.defaults.get("foreach")
+    assert fast, "slow path: megatron builds torch's single-tensor AdamW"
+
+
 def main() -> None:
     skip = [s for s in sys.argv[1:] if s]
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("PROBE_PORT", "29555"))
@@ -59,7 +78,7 @@ def main() -> None:
 
     platform.install_cpu_support(skip=skip)
     results = {}
-    for name in ("cuda_namespace", "tensor_cuda", "rng_tracker", "clip_grads"):
+    for name in [p.name for p in platform.PATCHES]:
         try:
             globals()[f"probe_{name}"]()
             results[name] = "ok"

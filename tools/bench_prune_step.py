@@ -7,6 +7,11 @@ alike. Prints the median step times, their ratio (goal <= 1.10) and the mask ove
 (log alpha, its gradient and Adam state, and one forward's sampled masks).
 
     python tools/bench_prune_step.py [--layers 8 --hidden 512 --seq 256 --batch 4 --steps 5]
+    python tools/bench_prune_step.py --preset smollm2-135m
+
+``--preset`` takes a shape from ``megashear.model_config.PRESETS`` instead of the MHA shape
+flags; its target keeps half the layers and two thirds of the KV groups (with their heads) and
+of the FFN (``smollm2-135m``: 15 layers x 384, 6 heads in 2 groups, FFN 1024).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--preset", default=None, help="a model preset instead of the shape flags")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
@@ -37,18 +43,35 @@ def main() -> None:
     from megashear.training.pruning_trainer import PruningTrainer
     from megashear.training.trainer import Trainer
 
-    cfg = ModelConfig(
-        args.layers, args.hidden, args.heads, args.heads, args.ffn, args.vocab, seq_length=args.seq
-    )
-    target = dataclasses.replace(
-        cfg,
-        num_layers=args.layers // 2,
-        hidden_size=args.hidden // 2,
-        num_attention_heads=args.heads // 2,
-        num_query_groups=args.heads // 2,
-        ffn_hidden_size=args.ffn // 2,
-        kv_channels=cfg.head_dim,
-    )
+    if args.preset:
+        from megashear.model_config import get_preset
+
+        cfg = dataclasses.replace(get_preset(args.preset), seq_length=args.seq)
+        groups = max(1, cfg.num_query_groups * 2 // 3)
+        heads = groups * (cfg.num_attention_heads // cfg.num_query_groups)
+        target = dataclasses.replace(
+            cfg,
+            num_layers=cfg.num_layers // 2,
+            hidden_size=heads * cfg.head_dim,
+            num_attention_heads=heads,
+            num_query_groups=groups,
+            ffn_hidden_size=cfg.ffn_hidden_size * 2 // 3 // 64 * 64,
+            kv_channels=cfg.head_dim,
+        )
+    else:
+        cfg = ModelConfig(
+            args.layers, args.hidden, args.heads, args.heads, args.ffn, args.vocab,
+            seq_length=args.seq,
+        )  # fmt: skip
+        target = dataclasses.replace(
+            cfg,
+            num_layers=args.layers // 2,
+            hidden_size=args.hidden // 2,
+            num_attention_heads=args.heads // 2,
+            num_query_groups=args.heads // 2,
+            ffn_hidden_size=args.ffn // 2,
+            kv_channels=cfg.head_dim,
+        )
     train = TrainConfig(
         micro_batch_size=args.batch,
         global_batch_size=args.batch,
@@ -83,7 +106,8 @@ def main() -> None:
     mask_bytes = mask_params * 4 * 5
     model_params = cfg.num_parameters()
     print(
-        f"shape: {model_params / 1e6:.1f}M params, {args.layers} layers x {args.hidden} hidden, "
+        f"shape: {args.preset or 'custom'}, {model_params / 1e6:.1f}M params, "
+        f"{cfg.num_layers} layers x {cfg.hidden_size} hidden, "
         f"batch {args.batch} x {args.seq} tokens, fp32, TP1PP1"
     )
     print(f"plain training step   : {p:.3f} s")

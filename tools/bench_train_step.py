@@ -7,6 +7,11 @@ ratio (goal: megashear / transformers <= 1.0), and the achieved FLOP/s of each a
 machine's fp32 matmul peak measured in the same run.
 
     python tools/bench_train_step.py [--layers 8 --hidden 512 --seq 256 --batch 4 --steps 5]
+    python tools/bench_train_step.py --preset smollm2-135m [--profile]
+
+``--preset`` takes a shape from ``megashear.model_config.PRESETS`` (``smollm2-135m``: GQA 9/3,
+tied embeddings, vocab 49152) instead of the MHA ``--layers/--hidden/...`` flags (default: the
+33.5M shape). ``--profile`` adds the top self-CPU-time ops of one step of each side.
 """
 
 from __future__ import annotations
@@ -39,6 +44,15 @@ def step_flops(cfg, tokens: int) -> float:
     return 3 * tokens * (2 * dense + attention)
 
 
+def profile_summary(step, rows: int = 10) -> str:
+    """The ``rows`` ops with the most self CPU time in one call of ``step``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=8)
@@ -49,6 +63,8 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--preset", default=None, help="a model preset instead of the shape flags")
+    parser.add_argument("--profile", action="store_true", help="per-op summary of one step each")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
@@ -59,9 +75,22 @@ def main() -> None:
     from megashear.training.batches import SyntheticBatches
     from megashear.training.trainer import Trainer
 
-    cfg = ModelConfig(
-        args.layers, args.hidden, args.heads, args.heads, args.ffn, args.vocab, seq_length=args.seq
-    )
+    if args.preset:
+        import dataclasses
+
+        from megashear.model_config import get_preset
+
+        cfg = dataclasses.replace(get_preset(args.preset), seq_length=args.seq)
+    else:
+        cfg = ModelConfig(
+            args.layers,
+            args.hidden,
+            args.heads,
+            args.heads,
+            args.ffn,
+            args.vocab,
+            seq_length=args.seq,
+        )
     train = TrainConfig(
         micro_batch_size=args.batch,
         global_batch_size=args.batch,
@@ -79,9 +108,11 @@ def main() -> None:
             num_hidden_layers=cfg.num_layers,
             num_attention_heads=cfg.num_attention_heads,
             num_key_value_heads=cfg.num_query_groups,
+            head_dim=cfg.kv_channels or cfg.hidden_size // cfg.num_attention_heads,
             max_position_embeddings=args.seq,
             rms_norm_eps=cfg.norm_epsilon,
-            tie_word_embeddings=False,
+            rope_theta=cfg.rotary_base,
+            tie_word_embeddings=cfg.tie_word_embeddings,
             attn_implementation="sdpa",
         )
     )
@@ -115,8 +146,10 @@ def main() -> None:
     peak = matmul_peak()
     flops = step_flops(cfg, args.batch * args.seq)
     print(
-        f"shape: {cfg.num_parameters() / 1e6:.1f}M params, {args.layers} layers x "
-        f"{args.hidden} hidden, vocab {args.vocab}, batch {args.batch} x {args.seq} tokens, "
+        f"shape: {args.preset or 'custom'}, {cfg.num_parameters() / 1e6:.1f}M params, "
+        f"{cfg.num_layers} layers x {cfg.hidden_size} hidden, {cfg.num_attention_heads} heads / "
+        f"{cfg.num_query_groups} groups, vocab {cfg.vocab_size}"
+        f"{' (tied)' if cfg.tie_word_embeddings else ''}, batch {args.batch} x {args.seq} tokens, "
         f"fp32, {torch.get_num_threads()} threads"
     )
     print(f"megashear TP1PP1 step      : {ms:.3f} s  ({flops / ms / 1e9:.1f} GFLOP/s)")
@@ -126,6 +159,10 @@ def main() -> None:
         f"fp32 matmul peak            : {peak / 1e9:.1f} GFLOP/s; megashear reaches "
         f"{100 * flops / ms / peak:.0f}% of it, transformers {100 * flops / hft / peak:.0f}%"
     )
+    if args.profile:
+        for name, fn in (("megashear", ms_step), ("transformers", hf_step)):
+            print(f"\nprofile of one {name} step (self CPU time):")
+            print(profile_summary(fn))
 
 
 if __name__ == "__main__":

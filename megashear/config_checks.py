@@ -79,5 +79,12 @@ def check_run_config(cfg: RunConfig, command: str, cuda: bool) -> None:
             fail(key, _get(cfg, key), "must be finite")
     if cfg.train.min_lr > cfg.train.lr and command in ("train", "prune"):
         fail("train.min_lr", cfg.train.min_lr, f"must not exceed train.lr = {cfg.train.lr}")
+    if command == "prune" and cfg.parallel.sequence_parallel:
+        fail(
+            "parallel.sequence_parallel",
+            True,
+            "is not supported when pruning (the masked RMSNorm weights are not marked for "
+            "sequence parallelism, so their gradients would skip the TP all-reduce)",
+        )
     if cfg.train.bf16 and not cuda:
         fail("train.bf16", True, "needs CUDA (this machine has none; leave it null or false)")

@@ -32,6 +32,7 @@ def resolved(argv: list[str]) -> RunConfig:
         ("train", ["--train.clip_grad=-1"], "'train.clip_grad': must be a finite number, 0 or"),
         ("train", ["--train.min_lr=1"], "'train.min_lr': must not exceed train.lr"),
         ("train", ["--train.bf16=true"], "'train.bf16': needs CUDA"),
+        ("prune", ["--parallel.sequence_parallel=true"], "is not supported when pruning"),
         (
             "evaluate",
             ["--data.manifest=m.yaml", "--data.eval_sequences_per_domain=0"],

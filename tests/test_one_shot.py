@@ -86,6 +86,10 @@ def test_one_shot_is_the_leading_subnetwork(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
+    # an output onto its own input is refused, even with --overwrite
+    again = run(ONE_SHOT, "--load", str(tmp_path / "src"), "--save", str(tmp_path / "src"),
+                *target_flags, "--overwrite")  # fmt: skip
+    assert again.returncode == 2 and "overlaps --load" in again.stderr.strip().splitlines()[-1]
     assert result["model"]["num_layers"] == 3 and result["model"]["ffn_hidden_size"] == TARGET_FFN
     proc = run(
         TOOL, "megatron-to-hf", "--load", str(tmp_path / "cut"), "--save", str(tmp_path / "cut_hf")

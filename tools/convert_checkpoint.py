@@ -49,14 +49,9 @@ def _check_layout(cfg, tp: int, pp: int) -> None:
 
 
 def _check_output(args) -> None:
-    load, save = os.path.realpath(args.load), os.path.realpath(args.save)
-    if load == save or load.startswith(save + os.sep) or save.startswith(load + os.sep):
-        raise ValueError(
-            f"--save {args.save} overlaps --load {args.load}: writing it would destroy the input "
-            "(save to another directory)"
-        )
-    if os.path.exists(args.save) and not args.overwrite:
-        raise ValueError(f"output {args.save} exists (pass --overwrite to replace it)")
+    from megashear.conversion.dist_stream import check_output_path
+
+    check_output_path(args.load, args.save, args.overwrite)
 
 
 def _write_megatron(args, cfg, get_canonical, dtype) -> dict:

@@ -64,15 +64,18 @@ def one_shot(args) -> dict:
     import torch
 
     from megashear.config import ParallelConfig
-    from megashear.conversion.dist_stream import CheckpointReader, write_checkpoint
+    from megashear.conversion.dist_stream import (
+        CheckpointReader,
+        check_output_path,
+        write_checkpoint,
+    )
     from megashear.conversion.megatron_layout import megatron_tensor
     from megashear.models.llama import validate_layout
     from megashear.parallel import init_distributed
     from megashear.pruning.one_shot import one_shot_prune
     from megashear.pruning.targets import make_target, validate_target
 
-    if os.path.exists(args.save) and not args.overwrite:
-        raise ValueError(f"output {args.save} exists (pass --overwrite to replace it)")
+    check_output_path(args.load, args.save, args.overwrite)
     init_distributed()
     dtype = None if args.dtype is None else getattr(torch, DTYPES[args.dtype])
     reader = CheckpointReader(args.load, dtype)

@@ -218,6 +218,20 @@ def _extra_state_bytes() -> io.BytesIO:
     return buf
 
 
+def check_output_path(load: str, save: str, overwrite: bool) -> None:
+    """Refuse (``ValueError``, one line) an output that would destroy the input (``save`` equal
+    to, inside or containing ``load``, even with ``overwrite``) or replace an existing one
+    without ``overwrite``."""
+    src, dst = os.path.realpath(load), os.path.realpath(save)
+    if src == dst or src.startswith(dst + os.sep) or dst.startswith(src + os.sep):
+        raise ValueError(
+            f"--save {save} overlaps --load {load}: writing it would destroy the input "
+            "(save to another directory)"
+        )
+    if os.path.exists(save) and not overwrite:
+        raise ValueError(f"output {save} exists (pass --overwrite to replace it)")
+
+
 def write_checkpoint(
     save_dir: str,
     cfg: ModelConfig,

@@ -97,6 +97,19 @@ class ShearStages:
             f"--data.cache_dir={self.index_cache}",
         ]
 
+    def _run(self, manifest, run_dir, save, steps, batch, micro_batch, updates, rule) -> list[str]:
+        """The flags a pruning and a training run share: data, budget, logs, checkpoint."""
+        return [
+            *self._common(manifest),
+            f"--data.update_rule={rule}",
+            f"--data.update_interval={max(1, steps // max(1, updates))}",
+            f"--train.micro_batch_size={micro_batch}",
+            f"--train.global_batch_size={batch}",
+            f"--train.train_iters={steps}",
+            f"--logging.dir={run_dir}",
+            f"--checkpoint.save={save}",
+        ]
+
     def prepare(
         self,
         hf_source: Path,
@@ -187,22 +200,15 @@ class ShearStages:
                 stage,
                 "prune",
                 f"--checkpoint.load={load}",
-                *self._common(manifest),
-                f"--data.update_rule={rule}",
-                f"--data.update_interval={max(1, steps // max(1, updates))}",
+                *self._run(manifest, run_dir, save, steps, batch, micro_batch, updates, rule),
                 *flags("pruning", {f"target_{k}": v for k, v in target.items()}),
                 f"--parallel.pp={pp}",
-                f"--train.micro_batch_size={micro_batch}",
-                f"--train.global_batch_size={batch}",
-                f"--train.train_iters={steps}",
                 f"--train.lr={lr}",
                 f"--train.min_lr={lr}",
                 "--train.lr_warmup_iters=0",
                 f"--pruning.lagrangian_warmup_steps={max(1, steps // 5)}",
                 f"--pruning.lr_log_alpha={lr_masks}",
                 f"--pruning.lr_lambda={lr_masks}",
-                f"--logging.dir={run_dir}",
-                f"--checkpoint.save={save}",
                 nproc=pp,
             )
 
@@ -256,18 +262,11 @@ class ShearStages:
                 stage,
                 "train",
                 *start,
-                *self._common(manifest),
-                f"--data.update_rule={rule}",
-                f"--data.update_interval={max(1, steps // max(1, updates))}",
+                *self._run(manifest, run_dir, save, steps, batch, micro_batch, updates, rule),
                 f"--parallel.tp={tp}",
-                f"--train.micro_batch_size={micro_batch}",
-                f"--train.global_batch_size={batch}",
-                f"--train.train_iters={steps}",
                 f"--train.lr={lr}",
                 f"--train.min_lr={lr / 10}",
                 f"--train.lr_warmup_iters={max(1, steps // 10)}",
-                f"--logging.dir={run_dir}",
-                f"--checkpoint.save={save}",
                 nproc=tp,
             )
 

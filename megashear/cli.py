@@ -222,7 +222,14 @@ def cmd_train(cfg: RunConfig) -> int | None:
     from megashear.training.run_log import RunLog
     from megashear.training.trainer import Trainer
 
-    trainer = Trainer(cfg.model, cfg.parallel, cfg.train, make_batches(cfg), cfg.checkpoint)
+    trainer = Trainer(
+        cfg.model,
+        cfg.parallel,
+        cfg.train,
+        make_batches(cfg),
+        cfg.checkpoint,
+        distill=cfg.distill,
+    )
     write_resolved_config(cfg)
     log = RunLog(cfg.logging.dir, enabled=_is_rank0(), tensorboard=cfg.logging.tensorboard)
     start = time.time()
@@ -286,7 +293,14 @@ def cmd_prune(cfg: RunConfig) -> int | None:
     target = pruning_target(cfg)
     validate_target(cfg.model, target, tp_sizes=(cfg.parallel.tp,), pp_sizes=(cfg.parallel.pp,))
     trainer = PruningTrainer(
-        cfg.model, target, cfg.pruning, cfg.parallel, cfg.train, make_batches(cfg), cfg.checkpoint
+        cfg.model,
+        target,
+        cfg.pruning,
+        cfg.parallel,
+        cfg.train,
+        make_batches(cfg),
+        cfg.checkpoint,
+        distill=cfg.distill,
     )
     write_resolved_config(cfg)
     log = RunLog(cfg.logging.dir, enabled=_is_rank0(), tensorboard=cfg.logging.tensorboard)
@@ -367,7 +381,16 @@ def cmd_evaluate(cfg: RunConfig) -> None:
 # The RunConfig sections each sub-command reads; its --help and flags offer only these (a YAML
 # file may still hold the whole tree, e.g. one prune.yaml for prune, finalize and evaluate).
 COMMAND_SECTIONS = {
-    "train": ("model_preset", "model", "parallel", "train", "checkpoint", "data", "logging"),
+    "train": (
+        "model_preset",
+        "model",
+        "parallel",
+        "train",
+        "checkpoint",
+        "distill",
+        "data",
+        "logging",
+    ),
     "prune": (
         "model_preset",
         "model",
@@ -375,6 +398,7 @@ COMMAND_SECTIONS = {
         "train",
         "checkpoint",
         "pruning",
+        "distill",
         "data",
         "logging",
     ),

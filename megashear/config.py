@@ -147,6 +147,27 @@ class PruningConfig:
 
 
 @dataclass
+class DistillConfig:
+    """Knowledge distillation from a teacher during training or pruning (docs/method.md §7).
+
+    Off while ``teacher`` is empty. The loss per token is ``alpha * KD + (1 - alpha) * LM``,
+    with KD the temperature-scaled KL(teacher || student) times ``temperature**2``.
+    """
+
+    teacher: str = ""
+    """Teacher checkpoint (root or iter_N directory), typically the converted source model; it
+    must share the student's vocabulary. "": no distillation."""
+    alpha: float = 1.0
+    """Weight of the KD loss against the LM loss: 1.0 is KD alone (Minitron's choice), 0.0 the
+    LM loss alone (the KD loss is still computed and logged)."""
+    temperature: float = 1.0
+    """Softmax temperature of both models' logits in the KL (Hinton et al.); > 0."""
+    top_k: int | None = None
+    """KL against the teacher's k most likely tokens only (renormalised over them); null: the
+    full vocabulary."""
+
+
+@dataclass
 class DataConfig:
     """Training data: a domain manifest (``tools/preprocess_data.py``), one token stream, or
     synthetic tokens."""
@@ -211,6 +232,8 @@ class RunConfig:
     """Checkpoint locations and schedule."""
     pruning: PruningConfig = field(default_factory=PruningConfig)
     """Pruning target and mask settings (megashear prune)."""
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    """Knowledge distillation from a teacher (megashear train and prune)."""
     data: DataConfig = field(default_factory=DataConfig)
     """Training and validation data."""
     logging: LoggingConfig = field(default_factory=LoggingConfig)

@@ -88,3 +88,20 @@ def check_run_config(cfg: RunConfig, command: str, cuda: bool) -> None:
         )
     if cfg.train.bf16 and not cuda:
         fail("train.bf16", True, "needs CUDA (this machine has none; leave it null or false)")
+    if command in ("train", "prune"):
+        _check_distill(cfg, fail)
+
+
+def _check_distill(cfg: RunConfig, fail) -> None:
+    """The ``distill`` section of a training or pruning run."""
+    import os
+
+    d = cfg.distill
+    if not (math.isfinite(d.temperature) and d.temperature > 0):
+        fail("distill.temperature", d.temperature, "must be a finite number above 0")
+    if not (math.isfinite(d.alpha) and 0 <= d.alpha <= 1):
+        fail("distill.alpha", d.alpha, "must be between 0 (LM loss alone) and 1 (KD alone)")
+    if d.top_k is not None and d.top_k < 1:
+        fail("distill.top_k", d.top_k, "must be at least 1 (or null: the full vocabulary)")
+    if d.teacher and not os.path.exists(d.teacher):
+        fail("distill.teacher", d.teacher, "does not exist")

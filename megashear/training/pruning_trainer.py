@@ -20,7 +20,13 @@ import logging
 import torch
 import torch.distributed as dist
 
-from megashear.config import CheckpointConfig, ParallelConfig, PruningConfig, TrainConfig
+from megashear.config import (
+    CheckpointConfig,
+    DistillConfig,
+    ParallelConfig,
+    PruningConfig,
+    TrainConfig,
+)
 from megashear.model_config import ModelConfig
 from megashear.models.masked import MaskBank, attach_mask_bank, masked_block_spec
 from megashear.pruning import hard_concrete as hc
@@ -33,8 +39,10 @@ logger = logging.getLogger(__name__)
 
 def masked_forward_step(data_iterator, model):
     """``forward_step_func`` of the pruning run: sample (training) masks, then forward."""
+    from megatron.core.utils import get_attr_wrapped_model
+
     batch = next(data_iterator)
-    bank = getattr(model, "module", model).mask_bank
+    bank = get_attr_wrapped_model(model, "mask_bank")
     if model.training:
         bank.sample(int(batch["iteration"]), int(batch["microbatch"]))
     return forward_batch(batch, model)
@@ -51,7 +59,8 @@ def _gather_rows(local: torch.Tensor, group) -> torch.Tensor:
 
 
 class PruningTrainer(Trainer):
-    """Trainer for the masked model. ``target_cfg`` is the shape to prune toward."""
+    """Trainer for the masked model. ``target_cfg`` is the shape to prune toward; ``distill``
+    adds a teacher's KD loss to the LM loss (the Lagrangian is unchanged)."""
 
     def __init__(
         self,
@@ -62,6 +71,7 @@ class PruningTrainer(Trainer):
         train_cfg: TrainConfig,
         batches: BatchSource,
         ckpt_cfg: CheckpointConfig | None = None,
+        distill: DistillConfig | None = None,
     ) -> None:
         from megashear.pruning.targets import target_sparsities, validate_target
 
@@ -89,6 +99,7 @@ class PruningTrainer(Trainer):
             ckpt_cfg,
             spec=lambda tconfig: masked_block_spec(tconfig, model_cfg.head_dim),
             forward_step_func=masked_forward_step,
+            distill=distill,
         )
 
     # ---------------------------------------------------------------- construction
@@ -209,15 +220,20 @@ class PruningTrainer(Trainer):
 
     def extra_meta(self) -> dict:
         """What ``megashear finalize`` needs: the pruned kinds and the target shape."""
-        return {"pruning": {"kinds": list(self.kinds), "target": self.target_cfg.to_dict()}}
+        return {
+            **super().extra_meta(),
+            "pruning": {"kinds": list(self.kinds), "target": self.target_cfg.to_dict()},
+        }
 
     def extra_state(self) -> dict:
         return {
+            **super().extra_state(),
             "lagrangian": self.lagrangian.state_dict(),
             "lambda_optimizer": self.lambda_optimizer.state_dict(),
         }
 
     def load_extra_state(self, state: dict) -> None:
+        super().load_extra_state(state)
         if "lagrangian" in state:
             self.lagrangian.load_state_dict(state["lagrangian"])
             self.lambda_optimizer.load_state_dict(state["lambda_optimizer"])

@@ -22,11 +22,12 @@ import torch
 import torch.distributed as dist
 
 from megashear import platform
-from megashear.config import CheckpointConfig, ParallelConfig, TrainConfig
+from megashear.config import CheckpointConfig, DistillConfig, ParallelConfig, TrainConfig
 from megashear.model_config import ModelConfig
 from megashear.models.llama import build_model, build_transformer_config, layer_spec
 from megashear.parallel import init_model_parallel
 from megashear.training.batches import BatchSource, split_for_rank
+from megashear.training.distill import TeacherStudentChunk, distill_forward_batch
 from megashear.training.errors import NonFiniteLossError
 
 logger = logging.getLogger(__name__)
@@ -64,6 +65,8 @@ def forward_step(data_iterator, model):
 
 def forward_batch(batch: dict, model):
     """Run one micro-batch ``[b, s]`` through ``model``; returns (output, loss_func)."""
+    if isinstance(model, TeacherStudentChunk):
+        return distill_forward_batch(batch, model)
     tokens = batch["tokens"]
     device = platform.default_device()
     # [b, s]
@@ -95,6 +98,7 @@ class Trainer:
         spec: a megatron-core layer spec, or a function of the ``TransformerConfig`` that
             returns one; ``None`` for the plain LLaMA spec.
         forward_step_func: replaces :func:`forward_step` (the pruning run adds masks).
+        distill: distil from ``distill.teacher`` (None or an empty teacher: no distillation).
     """
 
     def __init__(
@@ -106,6 +110,7 @@ class Trainer:
         ckpt_cfg: CheckpointConfig | None = None,
         spec=None,
         forward_step_func: Callable = forward_step,
+        distill: DistillConfig | None = None,
     ) -> None:
         from megatron.core import parallel_state as ps
 
@@ -134,6 +139,15 @@ class Trainer:
         self.optimizer = self._build_optimizer()
         self.scheduler = self._build_scheduler()
         self.iteration = 0
+        # The chunks the training schedule runs: the student's, or student + teacher pairs.
+        self.teacher = None
+        self.schedule_model = self.model
+        if distill is not None and distill.teacher:
+            from megashear.training.distill import Teacher, pair_with_teacher
+
+            self.teacher = Teacher(distill, model_cfg, par, self.dtype)
+            self.schedule_model = pair_with_teacher(self.model, self.teacher, self.tconfig)
+        self.loss_key = "lm loss" if self.teacher is None else "objective"
         if self.ckpt_cfg.load:
             from megashear.training.checkpointing import load_checkpoint
 
@@ -236,14 +250,17 @@ class Trainer:
         # Interleaved schedule: one iterator per model chunk over the same micro-batches.
         return [iter(list(microbatches)) for _ in self.model]
 
-    def run_schedule(self, microbatches: list[dict], forward_only: bool) -> list[dict]:
-        """Run megatron-core's forward(-backward) schedule over this rank's micro-batches."""
+    def run_schedule(
+        self, microbatches: list[dict], forward_only: bool, with_teacher: bool = False
+    ) -> list[dict]:
+        """Run megatron-core's forward(-backward) schedule over this rank's micro-batches
+        (through student and teacher when ``with_teacher`` and distilling)."""
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         return get_forward_backward_func()(
             forward_step_func=self.forward_step_func,
             data_iterator=self._data_iterators(microbatches),
-            model=self.model,
+            model=self.schedule_model if with_teacher else self.model,
             num_microbatches=len(microbatches),
             seq_length=microbatches[0]["tokens"].shape[1],
             micro_batch_size=microbatches[0]["tokens"].shape[0],
@@ -280,12 +297,14 @@ class Trainer:
         totals = self.reduce_sums(reports, key)
         return float(totals[0] / totals[1].clamp(min=1))
 
-    def domain_train_losses(self, reports: list[dict]) -> dict[str, float]:
+    def domain_train_losses(
+        self, reports: list[dict], key: str = "domain loss"
+    ) -> dict[str, float]:
         """Per-domain training loss of the step (token-weighted), when batches carry domains."""
         names = getattr(self.batches, "names", None)
         if not names:
             return {}
-        totals = self.reduce_sums(reports, "domain loss")
+        totals = self.reduce_sums(reports, key)
         k = len(names)
         return {
             n: float(totals[i] / totals[k + i]) for i, n in enumerate(names) if totals[k + i] > 0
@@ -304,8 +323,8 @@ class Trainer:
         for chunk in self.model:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
-        reports = self.run_schedule(microbatches, forward_only=False)
-        loss = self.reduce_loss(reports)  # the same on every rank
+        reports = self.run_schedule(microbatches, forward_only=False, with_teacher=True)
+        loss = self.reduce_loss(reports, self.loss_key)  # the same on every rank
         if not math.isfinite(loss):
             raise NonFiniteLossError(
                 f"the loss of step {self.iteration + 1} is {loss}; stopping before its update "
@@ -325,6 +344,11 @@ class Trainer:
         self.iteration += 1
         if num_domains:
             extra["domain_loss"] = self.domain_train_losses(reports)
+        if self.teacher is not None:
+            extra["lm_loss"] = self.reduce_loss(reports, "lm loss")
+            extra["kd_loss"] = self.reduce_loss(reports, "kd loss")
+            if num_domains:
+                extra["domain_kd_loss"] = self.domain_train_losses(reports, "domain kd loss")
         elapsed = time.perf_counter() - start
         tokens = batch["loss_mask"].numel()
         return {
@@ -338,15 +362,28 @@ class Trainer:
         }
 
     def extra_meta(self) -> dict:
-        """Hook: more entries for the checkpoint's ``megashear.json``."""
-        return {}
+        """More entries for the checkpoint's ``megashear.json``: the teacher's path and
+        fingerprint when distilling (subclasses add theirs)."""
+        return {} if self.teacher is None else {"distill": self.teacher.record()}
 
     def extra_state(self) -> dict:
-        """Hook: more state for the checkpoint (identical on every rank; saved once)."""
-        return {}
+        """More state for the checkpoint (identical on every rank; saved once)."""
+        return {} if self.teacher is None else {"distill": self.teacher.record()}
 
     def load_extra_state(self, state: dict) -> None:
-        """Hook: restore what :meth:`extra_state` saved."""
+        """Restore what :meth:`extra_state` saved; a distillation run refuses to resume with
+        another teacher than the one it was trained with."""
+        saved = state.get("distill")
+        if saved is None or self.teacher is None:
+            return
+        if saved["fingerprint"] != self.teacher.fingerprint:
+            from megashear.training.checkpointing import CheckpointError
+
+            raise CheckpointError(
+                f"distill.teacher {self.teacher.cfg.teacher} is not the teacher this checkpoint "
+                f"was trained with ({saved['teacher']}, fingerprint {saved['fingerprint']} != "
+                f"{self.teacher.fingerprint})"
+            )
 
     def after_optimizer_step(self) -> None:
         """Hook: right after a successful optimizer step."""

@@ -96,7 +96,7 @@ def test_experiment_miniature(tmp_path):
     assert results["settings"]["tokens_per_arm"] == tokens
     domains = set(results["reference"])
     assert len(domains) == 6 and set(results["reference_valid"]) == domains
-    assert list(results["arms"]) == ["sheared", "static", "one-shot", "scratch"]
+    assert list(results["arms"]) == ["sheared", "static", "one-shot", "scratch", "distill"]
     means = []
     for arm, r in results["arms"].items():
         assert set(r["test"]) == domains and all(math.isfinite(v) for v in r["test"].values())
@@ -124,6 +124,19 @@ def test_experiment_miniature(tmp_path):
         meta = json.loads(next((out / "ckpt" / arm).glob("iter_*/megashear.json")).read_text())
         model = meta["model"]
         assert (model["num_layers"], model["hidden_size"], model["ffn_hidden_size"]) == (2, 48, 64)
+    # the distill arm continued the sheared arm's pruned model (pruned once) with KD from the
+    # source: per-domain KD and LM losses every step, dynamic loading on validation LM loss
+    assert not (out / "logs" / "distill-prune.log").exists()
+    assert results["arms"]["distill"]["after_cut"] == results["arms"]["sheared"]["after_cut"]
+    assert results["arms"]["distill"]["mean"] != results["arms"]["sheared"]["mean"]
+    kd_steps = read_events(str(out / "distill" / "continue"), "train")
+    assert len(kd_steps) == steps["cont"]
+    for e in kd_steps:
+        assert e["loss"] == pytest.approx(e["kd_loss"])  # distill.alpha = 1: KD alone
+        assert e["lm_loss"] > 0 and set(e["domain_kd_loss"]) <= domains
+    assert read_events(str(out / "distill" / "continue"), "domain_update")
+    meta = json.loads(next((out / "ckpt" / "distill").glob("iter_*/megashear.json")).read_text())
+    assert meta["distill"]["teacher"] == str(out / "ckpt" / "source")
     md = (out / "results.md").read_text()
     assert all(f"| {arm} |" in md for arm in results["arms"])
     for png in ("loss_vs_tokens.png", "excess_by_domain.png"):

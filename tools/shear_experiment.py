@@ -17,7 +17,10 @@ FFN 1024, cut from SmolLM2-135M):
   layers (``tools/one_shot_prune.py``, no learned masks), then ``P + C`` steps of continued
   pre-training with dynamic batch loading: what mask learning buys over the source weights alone;
 - ``scratch``: the target shape from random initialisation, ``P + C`` steps with dynamic batch
-  loading: what the source weights buy.
+  loading: what the source weights buy;
+- ``distill``: the ``sheared`` arm's pruned model (the same pruning run, shared), its ``C`` steps
+  of continued pre-training distilled from the source (``distill.alpha``, default 1.0: the KD
+  loss alone, as Minitron) instead of the LM loss: what KD buys at equal tokens.
 
 Every arm sees ``(P + C) x batch x seq`` training tokens. The corpus is tokenised once with the
 source's tokenizer into train / validation / test splits per domain. Dynamic batch loading reads
@@ -48,7 +51,7 @@ from stage_runner import StageRunner  # noqa: E402
 
 from megashear.paths import corpus_dir  # noqa: E402
 
-ARMS = ("sheared", "static", "one-shot", "scratch")
+ARMS = ("sheared", "static", "one-shot", "scratch", "distill")
 TARGET_FIELDS = (
     "num_layers",
     "hidden_size",
@@ -90,6 +93,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--continue-lr", type=float, default=1e-3)
     p.add_argument("--continue-updates", type=int, default=5, help="domain-weight updates in C")
     p.add_argument("--prune-pp", type=int, default=2, choices=(1, 2))
+    p.add_argument("--kd-alpha", type=float, default=1.0, help="distill arm: KD weight vs LM")
     return p.parse_args(argv)
 
 
@@ -117,7 +121,7 @@ def loss_curve(run_dirs: list[Path], tokens_per_step: int) -> dict[str, list[flo
         steps = [e for e in events if e["kind"] in ("train", "prune")]
         for e in steps:
             curve["tokens"].append((offset + e["step"]) * tokens_per_step)
-            curve["loss"].append(e["loss"])
+            curve["loss"].append(e.get("lm_loss", e["loss"]))  # a distilled run's LM loss
         for e in events:
             if e["kind"] == "domain_update":
                 curve["valid_tokens"].append((offset + e["step"]) * tokens_per_step)
@@ -275,7 +279,12 @@ def main(argv: list[str] | None = None) -> int:
     P, C, B, s = args.prune_steps, args.continue_steps, args.batch, args.seq_length
     common = dict(batch=B, micro_batch=args.micro_batch)
 
-    def pruned_arm(arm: str, rule: str) -> tuple[list[Path], Path, dict]:
+    pruned: dict[str, tuple[dict, Path]] = {}
+
+    def prune_and_cut(arm: str, rule: str) -> tuple[dict, Path]:
+        """Prune and finalise once per arm name; (test losses after the cut, start manifest)."""
+        if arm in pruned:
+            return pruned[arm]
         stages.prune(
             f"{arm}-prune",
             ckpt / "source",
@@ -297,6 +306,14 @@ def main(argv: list[str] | None = None) -> int:
             if rule != "constant"
             else manifest
         )
+        pruned[arm] = after_cut, start
+        return pruned[arm]
+
+    def pruned_arm(
+        arm: str, rule: str, pruning: str | None = None, teacher: Path | None = None
+    ) -> tuple[list[Path], Path, dict]:
+        pruning = pruning or arm
+        after_cut, start = prune_and_cut(pruning, rule)
         stages.train(
             f"{arm}-continue",
             start,
@@ -306,10 +323,12 @@ def main(argv: list[str] | None = None) -> int:
             lr=args.continue_lr,
             updates=args.continue_updates,
             rule=rule,
-            load=ckpt / f"{arm}-final",
+            load=ckpt / f"{pruning}-final",
+            teacher=teacher,
+            kd_alpha=args.kd_alpha,
             **common,
         )
-        return [out / arm / "prune", out / arm / "continue"], ckpt / arm, after_cut
+        return [out / pruning / "prune", out / arm / "continue"], ckpt / arm, after_cut
 
     def one_shot_arm() -> tuple[list[Path], Path, dict]:
         stages.one_shot("one-shot-cut", ckpt / "source", target_values, ckpt / "one-shot-cut")
@@ -346,6 +365,7 @@ def main(argv: list[str] | None = None) -> int:
         "static": lambda: pruned_arm("static", "constant"),
         "one-shot": one_shot_arm,
         "scratch": scratch_arm,
+        "distill": lambda: pruned_arm("distill", "paper", "sheared", ckpt / "source"),
     }
     results = {
         "settings": {

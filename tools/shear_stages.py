@@ -250,11 +250,15 @@ class ShearStages:
         tp: int = 1,
         load: Path | None = None,
         model: dict | None = None,
+        teacher: Path | None = None,
+        kd_alpha: float = 1.0,
     ) -> None:
         """``megashear train`` from checkpoint ``load``, or from random weights of shape
         ``model`` (a ``ModelConfig`` dict); cosine from ``lr`` to ``lr / 10`` after a 10%
-        warm-up."""
+        warm-up. With ``teacher``, distilled from it at weight ``kd_alpha``."""
         start = [f"--checkpoint.load={load}"] if load is not None else []
+        if teacher is not None:
+            start += [f"--distill.teacher={teacher}", f"--distill.alpha={kd_alpha}"]
         if model is not None:
             start += flags("model", {k: _yaml(v) for k, v in model.items() if k != "seq_length"})
         with self.threads(max(1, 2 // tp)):

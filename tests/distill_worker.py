@@ -116,10 +116,10 @@ def kd_unit(job: dict) -> dict:
     width = vocab // tp
     out = {}
 
-    def run(student_src, teacher_src, top_k, temperature=1.0):
+    def run(student_src, teacher_src, top_k, temperature=1.0, vocab_size=None):
         student = student_src[..., rank * width : (rank + 1) * width].clone().requires_grad_()
         teacher = teacher_src[..., rank * width : (rank + 1) * width]
-        loss = vocab_parallel_kd_loss(student, teacher, temperature, top_k)  # [s, b]
+        loss = vocab_parallel_kd_loss(student, teacher, temperature, top_k, vocab_size)  # [s, b]
         loss.sum().backward()
         grads = [torch.empty_like(student.grad) for _ in range(tp)]
         dist.all_gather(grads, student.grad, group=ps.get_tensor_model_parallel_group())
@@ -129,6 +129,12 @@ def kd_unit(job: dict) -> dict:
     out["full"] = run(student_full, teacher_full, None, job.get("temperature", 1.0))
     out["top_vocab"] = run(student_full, teacher_full, vocab, job.get("temperature", 1.0))
     out["top_k"] = run(student_full, teacher_full, job["top_k"])
+    # the last rows padded (-inf in both models, as the output layer's hook writes them)
+    real = job["padded_vocab"]
+    pad = torch.full((5, 2, vocab - real), float("-inf"))
+    padded = [torch.cat([x[..., :real], pad], -1) for x in (student_full, teacher_full)]
+    out["padded"] = run(*padded, None, 1.0, real)
+    out["padded_top_k"] = run(*padded, job["top_k"], 1.0, real)
     out["inputs"] = (student_full, teacher_full)
     return out
 

@@ -23,8 +23,18 @@ SEQ = 32
 MODELS = {
     "mha": (ModelConfig(4, 64, 4, 4, 160, 256, seq_length=SEQ), ModelConfig(8, 96, 6, 6, 256, 256)),
     "gqa": (ModelConfig(4, 64, 4, 2, 160, 256, seq_length=SEQ), ModelConfig(8, 96, 6, 2, 256, 256)),
+    # tied embeddings (under PP the last stage's copy, in both models) and a vocabulary padded
+    # from 250 to 256 rows (-inf logits in the last TP rank's slice)
+    "tied": (
+        ModelConfig(4, 64, 4, 2, 160, 250, seq_length=SEQ, tie_word_embeddings=True),
+        ModelConfig(8, 96, 6, 2, 256, 250, tie_word_embeddings=True),
+    ),
 }
-KD = {"mha": {"alpha": 0.5, "temperature": 2.0}, "gqa": {"alpha": 0.7, "temperature": 1.0}}
+KD = {
+    "mha": {"alpha": 0.5, "temperature": 2.0},
+    "gqa": {"alpha": 0.7, "temperature": 1.0},
+    "tied": {"alpha": 1.0, "temperature": 1.0},
+}
 LAYOUTS = {  # name: (world, tp, pp, vpp)
     "tp1pp1": (1, 1, 1, None),
     "tp2pp1": (2, 2, 1, None),
@@ -142,6 +152,7 @@ def runs(tmp_path_factory):
             "vocab": 256,
             "top_k": 5,
             "temperature": 1.5,
+            "padded_vocab": 250,
         }
     )
     out.update(torchrun(2, two, d, WORKER))
@@ -232,6 +243,20 @@ def test_kd_loss_unit_properties_under_tp2(runs):
     want.sum().backward()
     torch.testing.assert_close(full, want.detach(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(full_grad, s.grad, rtol=1e-5, atol=1e-6)
+    # a padded vocabulary: the padded rows take no part, and get no gradient
+    real = 250
+    s = student[..., :real].clone().requires_grad_()
+    log_p_t = torch.log_softmax(teacher[..., :real], -1)
+    want = (log_p_t.exp() * (log_p_t - torch.log_softmax(s, -1))).sum(-1)
+    want.sum().backward()
+    pad_loss, pad_grad = unit["padded"]
+    torch.testing.assert_close(pad_loss, want.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(pad_grad[..., :real], s.grad, rtol=1e-5, atol=1e-6)
+    assert (pad_grad[..., real:] == 0).all()
+    vals, idx = teacher[..., :real].topk(5, -1)
+    q = torch.softmax(vals, -1)
+    want = (q * (q.log() - torch.log_softmax(student[..., :real], -1).gather(-1, idx))).sum(-1)
+    torch.testing.assert_close(unit["padded_top_k"][0], want, rtol=1e-5, atol=1e-6)
     # top-5: the teacher's five best tokens renormalised, against the student's full softmax
     k_loss, k_grad = unit["top_k"]
     vals, idx = teacher.topk(5, -1)

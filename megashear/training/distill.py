@@ -161,8 +161,8 @@ class _KDTap:
     the same logits into the LM loss right after, overwrites them in place with the softmax.
     """
 
-    def __init__(self, output_layer: torch.nn.Module, cfg: DistillConfig) -> None:
-        self.cfg = cfg
+    def __init__(self, output_layer: torch.nn.Module, cfg: DistillConfig, vocab_size: int) -> None:
+        self.cfg, self.vocab_size = cfg, vocab_size
         self.teacher_logits: torch.Tensor | None = None
         self.kd: torch.Tensor | None = None
         output_layer.register_forward_hook(self)
@@ -173,7 +173,9 @@ class _KDTap:
         from megashear.training.kd_loss import vocab_parallel_kd_loss
 
         teacher, self.teacher_logits = self.teacher_logits, None
-        self.kd = vocab_parallel_kd_loss(output[0], teacher, self.cfg.temperature, self.cfg.top_k)
+        self.kd = vocab_parallel_kd_loss(
+            output[0], teacher, self.cfg.temperature, self.cfg.top_k, self.vocab_size
+        )
 
     def take(self) -> torch.Tensor:
         kd, self.kd = self.kd, None
@@ -204,7 +206,12 @@ class TeacherStudentChunk(torch.nn.Module):
     """
 
     def __init__(
-        self, student: torch.nn.Module, teacher: torch.nn.Module, config, cfg: DistillConfig
+        self,
+        student: torch.nn.Module,
+        teacher: torch.nn.Module,
+        config,
+        cfg: DistillConfig,
+        vocab_size: int | None = None,
     ) -> None:
         super().__init__()
         from megatron.core.utils import get_attr_wrapped_model
@@ -219,7 +226,8 @@ class TeacherStudentChunk(torch.nn.Module):
         self.pre_process = self.student_model.pre_process
         self.kd_tap = self.teacher_tap = None
         if self.post_process:
-            self.kd_tap = _KDTap(self.student_model.output_layer, cfg)
+            vocab = self.student_model.vocab_size if vocab_size is None else vocab_size
+            self.kd_tap = _KDTap(self.student_model.output_layer, cfg, vocab)
             self.teacher_tap = _LogitsTap(teacher.output_layer)
 
     def train(self, mode: bool = True):
@@ -326,6 +334,6 @@ def pair_with_teacher(
 
         schedule_config.finalize_model_grads_func = finalize_student
     return [
-        TeacherStudentChunk(s, t, schedule_config, teacher.cfg)
+        TeacherStudentChunk(s, t, schedule_config, teacher.cfg, teacher.model_cfg.vocab_size)
         for s, t in zip(student_chunks, teacher.chunks)
     ]

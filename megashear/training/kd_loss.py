@@ -33,57 +33,68 @@ def _all_reduce(x: torch.Tensor, op, group, world: int) -> torch.Tensor:
     return x
 
 
-def _log_softmax_parallel(logits: torch.Tensor, group, world: int) -> torch.Tensor:
-    """Log-softmax over the vocabulary split across the TP group: ``[..., v/tp]`` in and out."""
-    local_max = logits.max(dim=-1, keepdim=True).values  # [..., 1]
-    maxima = _all_reduce(local_max.clone(), dist.ReduceOp.MAX, group, world)
-    shifted = logits - maxima
-    sums = _all_reduce(shifted.exp().sum(dim=-1, keepdim=True), dist.ReduceOp.SUM, group, world)
-    return shifted - sums.log()
+def _softmax_parallel(logits: torch.Tensor, group, world: int):
+    """Softmax over the vocabulary split across the TP group.
 
-
-def _xlogy_diff(p: torch.Tensor, log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
-    """``p * (log_p - log_q)`` with the convention ``0 * anything = 0`` (padded rows)."""
-    return torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p))
+    ``[..., v/tp]`` -> (probabilities ``[..., v/tp]``, in a new buffer; log-normaliser ``[...]``
+    such that ``log p = logits - lse``).
+    """
+    maxima = _all_reduce(logits.max(dim=-1).values, dist.ReduceOp.MAX, group, world)  # [...]
+    probs = torch.sub(logits, maxima.unsqueeze(-1)).exp_()
+    sums = _all_reduce(probs.sum(dim=-1), dist.ReduceOp.SUM, group, world)
+    probs.div_(sums.unsqueeze(-1))
+    return probs, maxima + sums.log()
 
 
 class _VocabParallelKL(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, student, teacher, temperature: float, top_k: int | None):
+    def forward(ctx, student, teacher, temperature: float, top_k: int | None, valid: int):
         group, world = _tp_group()
-        log_ps = _log_softmax_parallel(student.float() / temperature, group, world)
-        teacher = teacher.float() / temperature
+        width = student.shape[-1]
+        # the padded rows (-inf in both models) take no part: a view of the real ones
+        s, t = student[..., :valid].float(), teacher[..., :valid].float()
+        if temperature != 1.0:
+            s, t = s / temperature, t / temperature
+        p_s, lse_s = _softmax_parallel(s, group, world)
         if top_k is None:
-            log_pt = _log_softmax_parallel(teacher, group, world)
-            target = log_pt.exp()  # [s, b, v/tp]
-            kl = _all_reduce(
-                _xlogy_diff(target, log_pt, log_ps).sum(dim=-1), dist.ReduceOp.SUM, group, world
+            target, lse_t = _softmax_parallel(t, group, world)
+            # KL = sum p_t (t - lse_t - s + lse_s) = sum p_t (t - s) + lse_s - lse_t
+            cross = _all_reduce(
+                torch.sub(t, s).mul_(target).sum(dim=-1), dist.ReduceOp.SUM, group, world
             )
+            kl = cross + lse_s - lse_t
         else:
-            target, kl = _top_k_target(teacher, log_ps, top_k, group, world)
-        ctx.temperature = temperature
-        ctx.save_for_backward(log_ps, target)
+            target, kl = _top_k_target(t, s, lse_s, top_k, width, group, world)
+        ctx.temperature, ctx.width = temperature, width
+        ctx.save_for_backward(p_s, target)
         return kl * temperature**2  # [s, b]
 
     @staticmethod
     def backward(ctx, grad_out):
-        log_ps, target = ctx.saved_tensors
-        t = ctx.temperature
-        # d (T^2 KL) / d s = T^2 * (p_s - q) / T
-        grad = (log_ps.exp() - target) * (grad_out.unsqueeze(-1) * t)
-        return grad, None, None, None
+        p_s, target = ctx.saved_tensors
+        # d (T^2 KL) / d s = T^2 * (p_s - q) / T; in place: the graph is used once
+        grad = p_s.sub_(target).mul_(grad_out.unsqueeze(-1) * ctx.temperature)
+        if grad.shape[-1] != ctx.width:
+            grad = torch.nn.functional.pad(grad, (0, ctx.width - grad.shape[-1]))
+        return grad, None, None, None, None
 
 
 def _top_k_target(
-    teacher: torch.Tensor, log_ps: torch.Tensor, k: int, group, world: int
+    teacher: torch.Tensor,
+    student: torch.Tensor,
+    lse_s: torch.Tensor,
+    k: int,
+    width: int,
+    group,
+    world: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The renormalised top-k teacher distribution on this rank's slice ``[s, b, v/tp]``, and
-    ``KL(q || p_s)`` per token ``[s, b]``."""
+    """The renormalised top-k teacher distribution on this rank's (real) rows ``[s, b, v']``,
+    and ``KL(q || p_s)`` per token ``[s, b]``; ``width`` is the padded slice width."""
     from megatron.core import parallel_state as ps
 
-    width = teacher.shape[-1]
     start = ps.get_tensor_model_parallel_rank() * width
-    local_vals, local_idx = teacher.topk(min(k, width), dim=-1)  # [s, b, k_l]
+    rows = teacher.shape[-1]
+    local_vals, local_idx = teacher.topk(min(k, rows), dim=-1)  # [s, b, k_l]
     local_idx = local_idx + start
     if world > 1:
         vals = [torch.empty_like(local_vals) for _ in range(world)]
@@ -97,18 +108,16 @@ def _top_k_target(
     idx = cand_idx.gather(-1, pick)
     log_q = torch.log_softmax(vals, dim=-1)  # identical on every TP rank
     q = log_q.exp()
-    mine = (idx >= start) & (idx < start + width)
-    local = (idx - start).clamp(0, width - 1)
+    mine = (idx >= start) & (idx < start + rows)
+    local = (idx - start).clamp(0, rows - 1)
     q_mine = torch.where(mine, q, torch.zeros_like(q))
-    target = torch.zeros_like(log_ps).scatter_add_(-1, local, q_mine)  # [s, b, v/tp]
+    target = torch.zeros_like(student).scatter_add_(-1, local, q_mine)  # [s, b, v']
+    # sum_j q_j log p_s(j), with log p_s = s - lse_s and sum_j q_j = 1
     cross = _all_reduce(
-        torch.where(q_mine > 0, q_mine * log_ps.gather(-1, local), torch.zeros_like(q)).sum(-1),
-        dist.ReduceOp.SUM,
-        group,
-        world,
+        (q_mine * student.gather(-1, local)).sum(-1), dist.ReduceOp.SUM, group, world
     )
     neg_entropy = torch.where(q > 0, q * log_q, torch.zeros_like(q)).sum(-1)
-    return target, neg_entropy - cross
+    return target, neg_entropy - cross + lse_s
 
 
 def vocab_parallel_kd_loss(
@@ -116,11 +125,23 @@ def vocab_parallel_kd_loss(
     teacher_logits: torch.Tensor,
     temperature: float = 1.0,
     top_k: int | None = None,
+    vocab_size: int | None = None,
 ) -> torch.Tensor:
     """Per-token ``T**2 * KL(teacher || student)`` ``[s, b]`` from TP-local logits ``[s, b, v/tp]``.
 
-    Gradients flow into ``student_logits`` only; the teacher's logits are a constant target.
+    ``vocab_size``: the real (unpadded) vocabulary; the padded rows beyond it are left out
+    (None: no padding). Gradients flow into ``student_logits`` only; the teacher's logits are a
+    constant target.
     """
+    from megatron.core import parallel_state as ps
+
     if temperature <= 0:
         raise ValueError(f"distillation temperature must be > 0, got {temperature}")
-    return _VocabParallelKL.apply(student_logits, teacher_logits.detach(), temperature, top_k)
+    width = student_logits.shape[-1]
+    valid = width
+    if vocab_size is not None:
+        start = ps.get_tensor_model_parallel_rank() * width
+        valid = max(0, min(width, vocab_size - start))
+    return _VocabParallelKL.apply(
+        student_logits, teacher_logits.detach(), temperature, top_k, valid
+    )

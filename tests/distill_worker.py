@@ -99,6 +99,38 @@ def train(job: dict) -> dict:
     return {"steps": steps, "meta_distill": trainer.extra_meta().get("distill")}
 
 
+def prune(job: dict) -> dict:
+    """Pruning with distillation toward ``job["target"]`` (ModelConfig overrides); with
+    ``finalize``, the saved pruning checkpoint finalised into that directory afterwards."""
+    import dataclasses
+
+    from megashear.config import PruningConfig
+    from megashear.training.finalize_run import finalize_checkpoint
+    from megashear.training.pruning_trainer import PruningTrainer
+
+    cfg = ModelConfig.from_dict(job["model"])
+    target = dataclasses.replace(cfg, **job["target"])
+    pcfg = PruningConfig(lagrangian_warmup_steps=2, lr_log_alpha=0.1)
+    par = ParallelConfig(tp=job.get("tp", 1), pp=job.get("pp", 1))
+    distill = DistillConfig(teacher=job["teacher"], alpha=job["alpha"])
+    ckpt = CheckpointConfig(save=job.get("save"))
+    batches = SyntheticBatches(cfg.vocab_size, cfg.seq_length, 3)
+    train = _train_config(job["steps"])
+    trainer = PruningTrainer(cfg, target, pcfg, par, train, batches, ckpt, distill=distill)
+    checkpointing.load_model_weights(trainer.model, cfg, job["init"])
+    steps = []
+    while trainer.iteration < job["steps"]:
+        stats = trainer.train_step()
+        steps.append({k: stats[k] for k in ("loss", "lm_loss", "kd_loss", "grad_norm")})
+    out = {"steps": steps}
+    if job.get("save"):
+        trainer.save()
+    if job.get("finalize"):
+        final = finalize_checkpoint(job["save"], job["finalize"])
+        out["final"] = final.to_dict()
+    return out
+
+
 def kd_unit(job: dict) -> dict:
     """Properties of the KD loss on random TP-sharded logits ``[s, b, v/tp]``."""
     from megatron.core import parallel_state as ps
@@ -143,7 +175,7 @@ def main() -> None:
     plan_path, out_path = sys.argv[1], sys.argv[2]
     plan = torch.load(plan_path, weights_only=False)
     results = {}
-    modes = {"save_model": save_model, "train": train, "kd_unit": kd_unit}
+    modes = {"save_model": save_model, "train": train, "prune": prune, "kd_unit": kd_unit}
     for job in plan:
         try:
             results[job["name"]] = modes[job.get("mode", "train")](job)

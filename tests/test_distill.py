@@ -139,6 +139,18 @@ def runs(tmp_path_factory):
         },
         {**base, "name": "other_vocab", "teacher": str(d / "teacher_vocab"), "expect_error": True},
     ]
+    prune = {
+        "mode": "prune",
+        "model": student,
+        "target": {"num_layers": 2, "hidden_size": 48, "ffn_hidden_size": 96, "kv_channels": 16},
+        "teacher": str(d / "teacher_gqa"),
+        "init": str(d / "init_gqa"),
+        "alpha": 0.5,
+        "steps": 2,
+    }
+    one.append(
+        {**prune, "name": "prune_tp1pp1", "save": str(d / "prune"), "finalize": str(d / "final")}
+    )
     out = torchrun(1, one, d, WORKER)
     two = [_kd_job(d, m, lay) for m in MODELS for lay in ("tp2pp1", "tp1pp2", "dp2")]
     two.append(_kd_job(d, "gqa", "tp1pp2vpp2"))
@@ -156,7 +168,9 @@ def runs(tmp_path_factory):
         }
     )
     out.update(torchrun(2, two, d, WORKER))
-    out.update(torchrun(4, [_kd_job(d, m, "tp2pp2") for m in MODELS], d, WORKER))
+    four = [_kd_job(d, m, "tp2pp2") for m in MODELS]
+    four.append({**prune, "name": "prune_tp2pp2", "tp": 2, "pp": 2})
+    out.update(torchrun(4, four, d, WORKER))
     out["_dir"] = d
     return out
 
@@ -281,6 +295,21 @@ def test_resume_is_exact_and_the_checkpoint_records_the_teacher(runs):
     assert "teacher" not in (d / "ck" / "iter_0000002" / "metadata.json").read_text()
     err = runs["resumed_other_teacher"]["error"]
     assert err.startswith("CheckpointError") and "is not the teacher this checkpoint" in err
+
+
+def test_pruning_with_distillation_matches_across_layouts_and_finalizes(runs):
+    ref, got = runs["prune_tp1pp1"], runs["prune_tp2pp2"]
+    for key in ("loss", "lm_loss", "kd_loss", "grad_norm"):
+        np.testing.assert_allclose(_losses(got, key), _losses(ref, key), rtol=1e-5)
+    # finalisation ignores the distillation record: a dense model of the target shape
+    final = ModelConfig.from_dict(ref["final"])
+    assert (final.num_layers, final.hidden_size, final.ffn_hidden_size) == (2, 48, 96)
+    d = runs["_dir"]
+    pruned = json.loads(next((d / "prune").glob("iter_*/megashear.json")).read_text())
+    assert pruned["distill"]["alpha"] == 0.5 and "pruning" in pruned
+    assert "distill" not in json.loads(
+        next((d / "final").glob("iter_*/megashear.json")).read_text()
+    )
 
 
 def test_teacher_with_another_vocabulary_is_refused(runs):

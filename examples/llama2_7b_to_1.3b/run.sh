@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # LLaMA2-7B -> Sheared-LLaMA-1.3B, end to end, in Megatron's style.
 #   bash examples/llama2_7b_to_1.3b/run.sh [convert|preprocess|prune|finalize|continue|export|all]
+#   bash examples/llama2_7b_to_1.3b/run.sh continue-distill   # recovery by KD from the 7B instead
 # GPUs: pruning 8 (TP2 x DP4), continued pre-training 16 (DP16 over 2 nodes).
 # Multi-node: set NNODES, NODE_RANK, MASTER_ADDR (or RDZV_ENDPOINT); see ../common/launch.sh.
 set -euo pipefail
@@ -26,6 +27,10 @@ if stage finalize; then
     --checkpoint.load=ckpt/prune-1.3b --checkpoint.save=ckpt/sheared-1.3b
 fi
 if stage continue; then megashear_run train --config "$HERE/continue.yaml"; fi
+# not part of "all": the alternative to "continue" (docs/method.md §7)
+if [[ "$STAGE" == continue-distill ]]; then
+  megashear_run train --config "$HERE/continue_distill.yaml"
+fi
 if stage export; then
   python tools/convert_checkpoint.py megatron-to-hf --load ckpt/continue-1.3b \
     --save hf/Sheared-LLaMA-1.3B --tokenizer "$TOKENIZER"

@@ -17,12 +17,51 @@ def parse(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def test_every_flag_is_a_config_field_and_back():
-    parser = argparse.ArgumentParser()
-    config_io.add_arguments(parser, RunConfig)
-    flags = {a.option_strings[0][2:] for a in parser._actions if a.dest.startswith("cfg:")}
-    assert flags == {k for k, _ in config_io.leaf_keys(RunConfig)}
-    assert "pruning.lagrangian_warmup_steps" in flags and "model.hidden_size" in flags
+def _another_value(tp, default):
+    """A value of annotation ``tp`` that differs from ``default``, and its flag spelling."""
+    import typing
+
+    inner, _ = config_io._optional(tp)
+    allowed = config_io.choices(inner)
+    if typing.get_origin(inner) in (tuple, list):
+        pick = next(c for c in allowed if (c,) != tuple(default or ()))
+        return (pick,), pick
+    if allowed is not None:
+        pick = next(c for c in allowed if c != default)
+        return pick, str(pick)
+    if inner is bool:
+        return (not default), "false" if default else "true"
+    if inner is int:
+        return (default or 0) + 128, str((default or 0) + 128)
+    if inner is float:
+        return (default or 0.0) + 0.5, repr((default or 0.0) + 0.5)
+    return "some/value", "some/value"
+
+
+def test_every_flag_sets_its_own_field_and_nothing_else():
+    """Each ``--section.field=value`` flag lands in that field (typed), all else at default."""
+    defaults = config_io.to_dict(RunConfig())
+    for key, tp in config_io.leaf_keys(RunConfig):
+        section, _, name = key.rpartition(".")
+        default = defaults[section][name] if section else defaults[name]
+        value, text = _another_value(tp, default)
+        cfg = config_io.resolve(RunConfig, [], parse([f"--{key}={text}"]))
+        got = config_io.to_dict(cfg)
+        assert (got[section][name] if section else got[name]) == (
+            list(value) if isinstance(value, tuple) else value
+        ), key
+        changed = {
+            f"{s}.{n}" if isinstance(v, dict) else s
+            for s, v in got.items()
+            for n in (v if isinstance(v, dict) else [None])
+            if (got[s][n] if n is not None else got[s])
+            != (defaults[s][n] if n is not None else defaults[s])
+        }
+        assert changed - DERIVED.get(key, set()) == {key}, key
+
+
+# model fields whose null default means "derived from this one" (MHA: a group per head)
+DERIVED = {"model.num_attention_heads": {"model.num_query_groups"}}
 
 
 def test_yaml_then_overrides(tmp_path):

@@ -16,6 +16,7 @@ import logging
 import os
 import sys
 import time
+from typing import NoReturn
 
 from megashear import config_io
 from megashear.config import RunConfig
@@ -30,8 +31,22 @@ class UsageError(ValueError):
     """Bad input from the user: reported as one line, exit code 2."""
 
 
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose errors (unknown flag, bad choice, missing argument) are one
+    ``error: ...`` line and exit code 2, as every other bad input, instead of a usage block.
+    Sub-parsers inherit it; the tools use it too."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception's message on one line (a YAML or library message may span several)."""
+    return " ".join(str(exc).split())
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="megashear", description=__doc__.splitlines()[0])
+    parser = OneLineArgumentParser(prog="megashear", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_text in COMMANDS.items():
         p = sub.add_parser(name, help=help_text[1])
@@ -150,7 +165,13 @@ def make_batches(cfg: RunConfig):
 
         if not os.path.isfile(cfg.data.token_file):
             raise UsageError(f"data.token_file {cfg.data.token_file} does not exist")
-        tokens = np.load(cfg.data.token_file, mmap_mode="r")
+        try:
+            tokens = np.load(cfg.data.token_file, mmap_mode="r")
+        except (ValueError, OSError, EOFError) as exc:
+            raise UsageError(
+                f"data.token_file {cfg.data.token_file} is not a .npy array of token ids "
+                f"({str(exc).split('. ')[0]})"
+            ) from None
         if tokens.size and int(tokens.max()) >= cfg.model.vocab_size:
             raise UsageError(
                 f"data.token_file holds token id {int(tokens.max())}, outside the model's "
@@ -231,7 +252,12 @@ def cmd_train(cfg: RunConfig) -> int | None:
         distill=cfg.distill,
     )
     write_resolved_config(cfg)
-    log = RunLog(cfg.logging.dir, enabled=_is_rank0(), tensorboard=cfg.logging.tensorboard)
+    log = RunLog(
+        cfg.logging.dir,
+        enabled=_is_rank0(),
+        tensorboard=cfg.logging.tensorboard,
+        resume_from=trainer.iteration,
+    )
     start = time.time()
     history = run_training(trainer, cfg, log)
     interval = cfg.checkpoint.save_interval
@@ -303,7 +329,12 @@ def cmd_prune(cfg: RunConfig) -> int | None:
         distill=cfg.distill,
     )
     write_resolved_config(cfg)
-    log = RunLog(cfg.logging.dir, enabled=_is_rank0(), tensorboard=cfg.logging.tensorboard)
+    log = RunLog(
+        cfg.logging.dir,
+        enabled=_is_rank0(),
+        tensorboard=cfg.logging.tensorboard,
+        resume_from=trainer.iteration,
+    )
     start = time.time()
     history = run_training(trainer, cfg, log, kind="prune")
     interval = cfg.checkpoint.save_interval
@@ -418,8 +449,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("megatron").setLevel(logging.WARNING)
     args = build_parser().parse_args(argv)
+    from megashear.training.run_log import missing_dirs, remove_failed_start
+
+    new_dirs: list[str] = []
     try:
         cfg = resolve_config(args)
+        new_dirs = missing_dirs(cfg.logging.dir, cfg.checkpoint.save)
         from megashear import platform
         from megashear.config_checks import check_run_config
 
@@ -427,12 +462,14 @@ def main(argv: list[str] | None = None) -> int:
         code = COMMANDS[args.command][0](cfg)
     except (ValueError, FileNotFoundError) as exc:
         # ConfigError, UsageError, CheckpointError and the library's validation errors
-        # (shapes, layouts, targets) are all ValueErrors with one-line messages.
-        print(f"error: {exc}", file=sys.stderr)
+        # (shapes, layouts, targets) are all ValueErrors with one-line messages. What this
+        # run created before it failed (config.yaml, index_cache/) goes with it.
+        remove_failed_start(new_dirs)
+        print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
     except NonFiniteLossError as exc:
         # the run diverged: nothing was saved after the last good checkpoint
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {one_line(exc)}", file=sys.stderr)
         return 1
     finally:
         from megashear.parallel import destroy

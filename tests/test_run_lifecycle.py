@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -91,3 +92,58 @@ def events(tmp_path: Path) -> list[dict]:
     path = tmp_path / "log" / "events.jsonl"
     lines = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
     return [e for e in lines if e["kind"] == "train"]
+
+
+@pytest.fixture
+def own_environment():
+    """Restore ``os.environ`` after an in-process run (``init_distributed`` sets ``RANK``,
+    ``MASTER_PORT`` ..., which later subprocesses must not inherit)."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+def test_resume_drops_the_records_of_re_run_steps(tmp_path, own_environment):
+    """The log of a run that resumes at step 2 holds steps 1-2 of the first run and 3-4 of the
+    resumed one: the first run's records of steps 3 and 4 (taken after its last checkpoint, here
+    by removing the checkpoint of step 4 as if the run had died before saving it) are dropped,
+    not logged twice."""
+    from megashear.cli import main
+    from megashear.training.run_log import read_events
+
+    argv = [
+        *command(tmp_path, 4)[3:],
+        "--checkpoint.save_interval=2",
+        "--train.global_batch_size=2",
+        "--train.micro_batch_size=1",
+    ]
+    assert main(argv) == 0
+    log, ckpt = tmp_path / "log", tmp_path / "ckpt"
+    first = {e["step"]: e["loss"] for e in read_events(str(log), "train")}
+    assert sorted(first) == [1, 2, 3, 4]
+    shutil.rmtree(ckpt / "iter_0000004")
+    (ckpt / "latest_checkpointed_iteration.txt").write_text("2")
+    assert main(argv) == 0
+    train = read_events(str(log), "train")
+    assert [e["step"] for e in train] == [1, 2, 3, 4]
+    assert [e["loss"] for e in train[:2]] == [first[1], first[2]]
+    assert [e["step"] for e in read_events(str(log), "summary")] == [4]
+
+
+def test_run_log_resume_rewrites_the_file_atomically(tmp_path):
+    from megashear.training.run_log import RunLog, read_events
+
+    path = tmp_path / "events.jsonl"
+    lines = [json.dumps({"kind": "train", "step": s, "loss": 1.0}) for s in range(1, 6)]
+    path.write_text("\n".join(lines) + '\n{"kind": "train", "st')  # a line cut off by a crash
+    log = RunLog(str(tmp_path), tensorboard=False, resume_from=3)
+    log.log("train", 4, {"loss": 0.5})
+    log.close()
+    assert [(e["step"], e["loss"]) for e in read_events(str(tmp_path))] == [
+        (1, 1.0), (2, 1.0), (3, 1.0), (4, 0.5)
+    ]  # fmt: skip
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["events.jsonl"]
+    # a fresh run (iteration 0) appends to the log as it is
+    RunLog(str(tmp_path), tensorboard=False, resume_from=0).close()
+    assert len(read_events(str(tmp_path))) == 4

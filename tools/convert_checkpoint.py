@@ -27,7 +27,6 @@ a temporary name and renamed at the end).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -140,7 +139,9 @@ def reshard(args) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    from megashear.cli import OneLineArgumentParser
+
+    parser = OneLineArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for name in ("hf-to-megatron", "meta-to-megatron", "megatron-to-hf", "reshard"):
         p = sub.add_parser(name)

@@ -11,14 +11,15 @@ The target's parameter count includes embeddings, LM head and norms.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> int:
+    from megashear.cli import OneLineArgumentParser
+
+    parser = OneLineArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("points")
     group = parser.add_mutually_exclusive_group(required=True)
     group.add_argument("--target-params", type=float)
@@ -29,15 +30,18 @@ def main() -> int:
         help="source shape the target preset inherits vocab and head dim from",
     )
     parser.add_argument("--write-manifest", help="store the losses as reference_loss there")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if not os.path.isfile(args.points):
         print(f"error: {args.points} does not exist", file=sys.stderr)
         return 2
     from megashear.data.reference_loss import reference_losses
 
     try:
-        with open(args.points) as f:
-            data = json.load(f)
+        try:
+            with open(args.points, encoding="utf-8") as f:
+                data = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{args.points} is not valid JSON ({exc})") from None
         if args.target_preset:
             from megashear.model_config import get_preset
             from megashear.pruning.targets import make_target
@@ -54,7 +58,7 @@ def main() -> int:
             manifest = load_manifest(args.write_manifest, check_files=False)
             manifest.set_reference_losses(losses)
             save_manifest(manifest, args.write_manifest)
-    except (ValueError, json.JSONDecodeError, RuntimeError) as exc:
+    except (ValueError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(losses))

@@ -21,7 +21,6 @@ code 2, and no output; an existing ``--save`` needs ``--overwrite``. Prints one 
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -105,7 +104,9 @@ def one_shot(args) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    from megashear.cli import OneLineArgumentParser
+
+    parser = OneLineArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--load", required=True, help="a megashear model checkpoint")
     parser.add_argument("--save", required=True)
     for field in TARGET_FIELDS:

@@ -15,19 +15,50 @@ of each domain's stream), with ``--test-tokens-per-domain`` ``OUT/NAME_test.{bin
 ones: a split for reporting that training and dynamic batch loading never read), and
 ``OUT/manifest.yaml``
 (which records the tokenizer's kind, vocabulary, BOS/EOS ids and whether they were added).
-More than ``--max-bad-fraction`` malformed lines in a domain is an error.
+More than ``--max-bad-fraction`` malformed lines in a domain is an error. A failed run leaves
+the output directory as it was: everything is written into a staging folder beside it and moved
+in (the manifest last) only when every domain succeeded.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import time
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def _check_args(args) -> str | None:
+    """What is wrong with the numbers and the output directory, if anything."""
+    import math
+
+    for flag in ("valid_tokens_per_domain", "test_tokens_per_domain"):
+        if getattr(args, flag) < 0:
+            return f"--{flag.replace('_', '-')} must be 0 or more, got {getattr(args, flag)}"
+    if args.workers < 1:
+        return f"--workers must be at least 1, got {args.workers}"
+    if args.max_bytes_per_domain is not None and args.max_bytes_per_domain < 1:
+        return f"--max-bytes-per-domain must be at least 1, got {args.max_bytes_per_domain}"
+    if not (math.isfinite(args.max_bad_fraction) and 0 <= args.max_bad_fraction <= 1):
+        return f"--max-bad-fraction must be a fraction in [0, 1], got {args.max_bad_fraction}"
+    if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
+        return f"--output-dir {args.output_dir} exists and is not a directory"
+    return None
+
+
+def _publish(staging: str, out: str) -> None:
+    """Move every file of ``staging`` into ``out`` (created if needed), then remove it."""
+    os.makedirs(out, exist_ok=True)
+    for name in sorted(os.listdir(staging)):
+        os.replace(os.path.join(staging, name), os.path.join(out, name))
+    os.rmdir(staging)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from megashear.cli import OneLineArgumentParser
+
+    parser = OneLineArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--input", nargs="+", required=True)
     parser.add_argument(
         "--tokenizer",
@@ -65,7 +96,11 @@ def main() -> int:
         default=None,
         help="append EOS to every document (default: yes, when the tokenizer has an EOS)",
     )
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    problem = _check_args(args)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
 
     from megashear.data.preprocess import expand_inputs
 
@@ -88,10 +123,7 @@ def main() -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
-    from tqdm import tqdm
-
-    from megashear.data.manifest import Domain, Manifest, save_manifest
-    from megashear.data.preprocess import domain_name, preprocess_domain
+    from megashear.data.preprocess import domain_name
 
     weights = {}
     for part in filter(None, args.weights.split(",")):
@@ -117,7 +149,31 @@ def main() -> int:
         f"BOS {tokenizer.bos_id} {'added' if tokenizer.add_bos else 'not added'}, "
         f"EOS {tokenizer.eos_id} {'added' if tokenizer.add_eos else 'not added'}"
     )
-    os.makedirs(args.output_dir, exist_ok=True)
+    # Everything is written into a staging folder beside the output and moved into it only when
+    # every domain succeeded: a failed run leaves the output directory as it was.
+    staging = f"{os.path.abspath(args.output_dir).rstrip(os.sep)}.tmp-preprocess-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    os.makedirs(staging)
+    try:
+        code = _run(args, files, names, weights, tokenizer, tokenizer_options, staging)
+        if code == 0:
+            _publish(staging, args.output_dir)
+            print(os.path.join(args.output_dir, "manifest.yaml"))
+        return code
+    except (ValueError, OSError) as exc:
+        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _run(args, files, names, weights, tokenizer, tokenizer_options, staging: str) -> int:
+    """Preprocess every domain into ``staging``; the exit code (0: manifest written)."""
+    from tqdm import tqdm
+
+    from megashear.data.manifest import Domain, Manifest, save_manifest
+    from megashear.data.preprocess import preprocess_domain
+
     total = sum(os.path.getsize(f) for f in files)
     start = time.time()
     domains, report, failed, empty = [], [], [], []
@@ -126,7 +182,7 @@ def main() -> int:
             before = bar.n
             stats = preprocess_domain(
                 path,
-                os.path.join(args.output_dir, name),
+                os.path.join(staging, name),
                 args.tokenizer,
                 args.valid_tokens_per_domain,
                 args.workers,
@@ -177,8 +233,8 @@ def main() -> int:
         add_bos=tokenizer.add_bos,
         add_eos=tokenizer.add_eos,
     )
-    save_manifest(manifest, os.path.join(args.output_dir, "manifest.yaml"))
-    print(os.path.join(args.output_dir, "manifest.yaml"))
+    # written into the staging folder with the data; paths in it are relative, so it moves
+    save_manifest(manifest, os.path.join(staging, "manifest.yaml"))
     return 0
 
 

@@ -9,20 +9,27 @@ BPE with byte fallback and split digits; unk=0, bos=1, eos=2, no pad (as LLaMA).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> int:
+    from megashear.cli import OneLineArgumentParser
+
+    parser = OneLineArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--input", nargs="+", required=True)
     parser.add_argument("--vocab-size", type=int, default=8000)
     parser.add_argument("--sample-bytes-per-domain", type=int, default=1_000_000)
     parser.add_argument("--output-prefix", required=True)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    for flag, value in (("--vocab-size", args.vocab_size),
+                        ("--sample-bytes-per-domain", args.sample_bytes_per_domain)):  # fmt: skip
+        if value < 1:
+            print(f"error: {flag} must be at least 1, got {value}", file=sys.stderr)
+            return 2
     from megashear.data.preprocess import expand_inputs
 
     try:
@@ -34,48 +41,67 @@ def main() -> int:
 
     from megashear.data.preprocess import open_text
 
-    with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False, encoding="utf-8") as tmp:
-        for path in files:
-            size = 0
-            with open_text(path) as f:
-                for line in f:
-                    try:
-                        text = json.loads(line).get("text")
-                    except (json.JSONDecodeError, AttributeError):
-                        continue
-                    if isinstance(text, str) and text.strip():
-                        tmp.write(text.replace("\n", " ")[: args.sample_bytes_per_domain] + "\n")
-                        size += len(text)
-                    if size >= args.sample_bytes_per_domain:
-                        break
-    os.makedirs(os.path.dirname(os.path.abspath(args.output_prefix)), exist_ok=True)
-    out_tmp = args.output_prefix + ".tmp"
+    out_dir = os.path.dirname(os.path.abspath(args.output_prefix))
+    # the model is trained in a scratch folder and moved into place only when it is complete
+    work = tempfile.mkdtemp(prefix="megashear-tokenizer-")
     try:
-        spm.SentencePieceTrainer.train(
-            input=tmp.name,
-            model_prefix=out_tmp,
-            vocab_size=args.vocab_size,
-            model_type="bpe",
-            byte_fallback=True,
-            split_digits=True,
-            unk_id=0,
-            bos_id=1,
-            eos_id=2,
-            pad_id=-1,
-            character_coverage=0.9995,
-            num_threads=os.cpu_count() or 2,
-            minloglevel=2,
-            max_sentence_length=1 << 16,
-            input_sentence_size=300_000,
-            shuffle_input_sentence=True,
-        )
-    except RuntimeError as exc:  # e.g. a vocabulary smaller than the byte + character set
-        print(f"error: sentencepiece: {str(exc).splitlines()[0]}", file=sys.stderr)
-        return 2
+        sample = os.path.join(work, "sample.txt")
+        lines = 0
+        with open(sample, "w", encoding="utf-8", errors="surrogateescape") as tmp:
+            for path in files:
+                size = 0
+                with open_text(path) as f:
+                    for line in f:
+                        try:
+                            text = json.loads(line).get("text")
+                        except (json.JSONDecodeError, AttributeError):
+                            continue
+                        if isinstance(text, str) and text.strip():
+                            tmp.write(
+                                text.replace("\n", " ")[: args.sample_bytes_per_domain] + "\n"
+                            )
+                            size += len(text)
+                            lines += 1
+                        if size >= args.sample_bytes_per_domain:
+                            break
+        if not lines:
+            print(
+                f"error: no text to train on in {', '.join(files)} (no line is a JSON object "
+                "with a non-empty string 'text')",
+                file=sys.stderr,
+            )
+            return 2
+        model = os.path.join(work, "tok")
+        try:
+            spm.SentencePieceTrainer.train(
+                input=sample,
+                model_prefix=model,
+                vocab_size=args.vocab_size,
+                model_type="bpe",
+                byte_fallback=True,
+                split_digits=True,
+                unk_id=0,
+                bos_id=1,
+                eos_id=2,
+                pad_id=-1,
+                character_coverage=0.9995,
+                num_threads=os.cpu_count() or 2,
+                minloglevel=2,
+                max_sentence_length=1 << 16,
+                input_sentence_size=300_000,
+                shuffle_input_sentence=True,
+            )
+        except RuntimeError as exc:  # e.g. a vocabulary smaller than the byte + character set
+            print(f"error: sentencepiece: {str(exc).splitlines()[0]}", file=sys.stderr)
+            return 2
+        os.makedirs(out_dir, exist_ok=True)
+        for ext in (".model", ".vocab"):
+            # copied next to the output under a temporary name, then renamed (atomic)
+            part = f"{args.output_prefix}{ext}.tmp{os.getpid()}"
+            shutil.copyfile(model + ext, part)
+            os.replace(part, args.output_prefix + ext)
     finally:
-        os.unlink(tmp.name)
-    for ext in (".model", ".vocab"):
-        os.replace(out_tmp + ext, args.output_prefix + ext)
+        shutil.rmtree(work, ignore_errors=True)
     print(args.output_prefix + ".model")
     return 0
 

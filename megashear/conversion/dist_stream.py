@@ -258,7 +258,7 @@ def write_checkpoint(
     from torch.distributed.checkpoint import save as dcp_save
     from tqdm import tqdm
 
-    from megashear.training.checkpointing import META, TRACKER, iteration_dir
+    from megashear.training.checkpointing import iteration_dir
 
     if os.path.exists(save_dir) and not overwrite:
         raise ValueError(f"output {save_dir} exists (pass --overwrite to replace it)")
@@ -298,20 +298,43 @@ def write_checkpoint(
     ckpt = iteration_dir(tmp_root, 0)
     os.makedirs(ckpt)
     try:
-        dcp_save(
-            {},
-            storage_writer=FileSystemWriter(ckpt, thread_count=1, sync_files=False),
-            planner=_lazy_planner(items, produce),
-            no_dist=True,
-        )
-    except BaseException as exc:
-        shutil.rmtree(tmp_root, ignore_errors=True)
-        cause = _first_failure(exc)
-        if cause is not None:
-            raise cause from None
+        try:
+            dcp_save(
+                {},
+                storage_writer=FileSystemWriter(ckpt, thread_count=1, sync_files=False),
+                planner=_lazy_planner(items, produce),
+                no_dist=True,
+            )
+        except BaseException as exc:
+            cause = _first_failure(exc)
+            if cause is not None:
+                raise cause from None
+            raise
+        finally:
+            bar.close()
+        _finish_checkpoint(tmp_root, ckpt, cfg, dtype, tp, pp, extra_meta)
+    except BaseException:
+        shutil.rmtree(tmp_root, ignore_errors=True)  # no partial output
         raise
-    finally:
-        bar.close()
+    if os.path.exists(save_dir):
+        shutil.rmtree(save_dir)
+    os.replace(tmp_root, save_dir)
+    logger.info("wrote %s (%d chunks)", save_dir, len(items))
+
+
+def _finish_checkpoint(
+    tmp_root: str,
+    ckpt: str,
+    cfg: ModelConfig,
+    dtype: torch.dtype,
+    tp: int,
+    pp: int,
+    extra_meta: dict | None,
+) -> None:
+    """The files besides the tensors: common state, backend metadata, ``megashear.json`` and
+    the tracker (written last)."""
+    from megashear.training.checkpointing import META, TRACKER
+
     torch.save({}, os.path.join(ckpt, "common.pt"))
     with open(os.path.join(ckpt, "metadata.json"), "w") as f:
         json.dump(
@@ -335,10 +358,6 @@ def write_checkpoint(
         json.dump(meta, f, indent=2)
     with open(os.path.join(tmp_root, TRACKER), "w") as f:
         f.write("0")
-    if os.path.exists(save_dir):
-        shutil.rmtree(save_dir)
-    os.replace(tmp_root, save_dir)
-    logger.info("wrote %s (%d chunks)", save_dir, len(items))
 
 
 class CheckpointReader:
@@ -351,7 +370,12 @@ class CheckpointReader:
     def __init__(self, path: str, dtype: torch.dtype | None = None) -> None:
         import pickle
 
-        from megashear.training.checkpointing import CheckpointError, read_meta, resolve
+        from megashear.training.checkpointing import (
+            CheckpointError,
+            damaged_file,
+            read_meta,
+            resolve,
+        )
 
         self.dir = resolve(path)
         meta = read_meta(self.dir)
@@ -362,8 +386,15 @@ class CheckpointReader:
             )
         self.meta = meta
         self.cfg = ModelConfig.from_dict(meta["model"])
-        with open(os.path.join(self.dir, ".metadata"), "rb") as f:
-            stored = pickle.load(f).state_dict_metadata
+        try:
+            with open(os.path.join(self.dir, ".metadata"), "rb") as f:
+                stored = pickle.load(f).state_dict_metadata
+        except Exception as exc:  # missing, truncated or not a DCP metadata pickle
+            damage = damaged_file(self.dir) or f"{self.dir}/.metadata: {type(exc).__name__}"
+            raise CheckpointError(f"checkpoint {self.dir} cannot be loaded: {damage}") from None
+        damage = damaged_file(self.dir)
+        if damage is not None:  # checked before any output is written
+            raise CheckpointError(f"checkpoint {self.dir} cannot be loaded: {damage}")
         self.keys = sharded_keys(self.cfg)
         missing = [sk.key for sk in self.keys if sk.key not in stored]
         if missing:
@@ -375,8 +406,9 @@ class CheckpointReader:
         self._tensors: dict[str, torch.Tensor] = {}
 
     def _load(self, layer: int | None) -> None:
-        from megatron.core import dist_checkpointing
         from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+        from megashear.training.checkpointing import dist_load
 
         request = {}
         for sk in self.keys:
@@ -394,7 +426,7 @@ class CheckpointReader:
                     sk.key, data, (0, layer, self.cfg.num_layers), replica_id=0
                 )
         # one layer of a whole-model checkpoint: the access check would want every layer
-        loaded = dist_checkpointing.load(request, self.dir, validate_access_integrity=False)
+        loaded = dist_load(request, self.dir, validate_access_integrity=False)
         self._layer = layer
         self._tensors = {
             # a training checkpoint also returns its common state (iteration, scheduler, ...)

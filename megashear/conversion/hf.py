@@ -138,11 +138,13 @@ def config_from_hf(path: str) -> ModelConfig:
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_path):
         raise ConversionError(f"{cfg_path} does not exist")
-    with open(cfg_path) as f:
-        try:
+    try:
+        with open(cfg_path, encoding="utf-8") as f:
             c = json.load(f)
-        except json.JSONDecodeError as exc:
-            raise ConversionError(f"{cfg_path} is not valid JSON ({exc})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ConversionError(f"{cfg_path} is not valid JSON ({exc})") from None
+    if not isinstance(c, dict):
+        raise ConversionError(f"{cfg_path} does not hold a JSON object")
     if c.get("model_type") != "llama":
         raise ConversionError(f"{cfg_path}: model_type {c.get('model_type')!r} is not 'llama'")
     unknown = sorted(set(c) - MODEL_KEYS - IGNORED_KEYS)
@@ -182,6 +184,19 @@ def config_from_hf(path: str) -> ModelConfig:
     )
 
 
+def load_torch_file(path: str, **kwargs) -> dict:
+    """``torch.load(path, weights_only=True, **kwargs)``; an unreadable file (truncated, not a
+    PyTorch file, not a state dict) is a one-line :class:`ConversionError` naming it."""
+    try:
+        out = torch.load(path, weights_only=True, **kwargs)
+    except Exception as exc:  # torch raises RuntimeError, UnpicklingError, EOFError, ...
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ConversionError(f"{path} is not a readable PyTorch state dict ({first})") from None
+    if not isinstance(out, dict):
+        raise ConversionError(f"{path} does not hold a state dict (a {type(out).__name__})")
+    return out
+
+
 def _weight_files(path: str) -> dict[str, str]:
     """HF tensor name -> file holding it."""
     for index_name, single in (
@@ -190,8 +205,13 @@ def _weight_files(path: str) -> dict[str, str]:
     ):
         index = os.path.join(path, index_name)
         if os.path.isfile(index):
-            with open(index) as f:
-                mapping = json.load(f)["weight_map"]
+            try:
+                with open(index, encoding="utf-8") as f:
+                    mapping = json.load(f)["weight_map"]
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
+                raise ConversionError(
+                    f"{index} is not an index with a weight_map ({exc})"
+                ) from None
             for shard in sorted(set(mapping.values())):
                 if not os.path.isfile(os.path.join(path, shard)):
                     raise ConversionError(f"shard {shard} named in {index_name} is missing")
@@ -200,7 +220,7 @@ def _weight_files(path: str) -> dict[str, str]:
         if os.path.isfile(file):
             if single.endswith(".safetensors"):
                 return {k: file for k in read_header(file)}
-            return {k: file for k in torch.load(file, map_location="meta", weights_only=True)}
+            return {k: file for k in load_torch_file(file, map_location="meta")}
     raise ConversionError(f"no model.safetensors / pytorch_model.bin (or index) in {path}")
 
 
@@ -244,7 +264,7 @@ class HFReader:
                 shape, t_dtype = info.shape, info.dtype
             else:
                 if file not in self._bins:
-                    self._bins[file] = torch.load(file, mmap=True, weights_only=True)
+                    self._bins[file] = load_torch_file(file, mmap=True)
                 t = self._bins[file][name]
                 shape, t_dtype = tuple(t.shape), t.dtype
             if tuple(shape) != shapes[key]:

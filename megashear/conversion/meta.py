@@ -94,13 +94,18 @@ class MetaReader:
     """
 
     def __init__(self, path: str, dtype: torch.dtype | None = None) -> None:
-        from megashear.conversion.hf import ConversionError
+        from megashear.conversion.hf import ConversionError, load_torch_file
 
         params_path = os.path.join(path, "params.json")
         if not os.path.isfile(params_path):
             raise ConversionError(f"{params_path} does not exist")
-        with open(params_path) as f:
-            p = json.load(f)
+        try:
+            with open(params_path, encoding="utf-8") as f:
+                p = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ConversionError(f"{params_path} is not valid JSON ({exc})") from None
+        if not isinstance(p, dict):
+            raise ConversionError(f"{params_path} does not hold a JSON object")
         unknown = sorted(set(p) - PARAMS_KEYS)
         if unknown:
             raise ConversionError(
@@ -109,9 +114,7 @@ class MetaReader:
         files = sorted(glob.glob(os.path.join(path, "consolidated.*.pth")))
         if not files:
             raise ConversionError(f"no consolidated.NN.pth shards in {path}")
-        self.shards = [
-            torch.load(f, map_location="cpu", mmap=True, weights_only=True) for f in files
-        ]
+        self.shards = [load_torch_file(f, map_location="cpu", mmap=True) for f in files]
         for s in self.shards:
             s.pop("rope.freqs", None)
         names = set(self.shards[0])

@@ -51,7 +51,12 @@ def read_header(path: str) -> dict[str, TensorInfo]:
         size = os.fstat(f.fileno()).st_size
         if n > size - 8:
             raise ValueError(f"{path} is not a safetensors file (header size {n})")
-        header = json.loads(f.read(n))
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{path} is not a safetensors file (header: {exc})") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path} is not a safetensors file (header is not a JSON object)")
     base = 8 + n
     out = {}
     for name, info in header.items():
@@ -60,6 +65,11 @@ def read_header(path: str) -> dict[str, TensorInfo]:
         if info["dtype"] not in DTYPES:
             raise ValueError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
         begin, end = info["data_offsets"]
+        if base + end > size:
+            # checked here, before any output is written, rather than when the tensor is read
+            raise ValueError(
+                f"{path} is truncated ({size} bytes; tensor {name} ends at byte {base + end})"
+            )
         out[name] = TensorInfo(
             path, DTYPES[info["dtype"]], tuple(info["shape"]), base + begin, base + end
         )

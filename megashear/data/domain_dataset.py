@@ -104,6 +104,58 @@ def _nonzero_rank() -> bool:
     )
 
 
+_INDEX_HEADER = b"MMIDIDX\x00\x00"
+_INDEX_DTYPES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float64,
+                 7: np.float32, 8: np.uint16}  # fmt: skip
+
+
+def check_indexed(prefix: str, name: str = "") -> None:
+    """Raise a one-line ``ValueError`` naming the file unless ``prefix.idx`` is a complete
+    megatron-core index (header, version, dtype, sizes) and ``prefix.bin`` holds every token it
+    points to.
+
+    megatron-core's ``IndexedDataset`` would fail on such files with an assertion, a numpy
+    buffer error or not at all (a short ``.bin`` fails only when a sample is read).
+    """
+    import struct
+
+    where = f"domain {name}: " if name else ""
+    idx, bin_ = prefix + ".idx", prefix + ".bin"
+    for path in (idx, bin_):
+        if not os.path.isfile(path):
+            raise ValueError(f"{where}{path} does not exist")
+
+    def bad(why: str) -> ValueError:
+        return ValueError(f"{where}{idx} is not a megatron-core index file ({why})")
+
+    size = os.path.getsize(idx)
+    with open(idx, "rb") as f:
+        head = f.read(34)
+    if len(head) < 34:
+        raise bad(f"{size} bytes, shorter than its header")
+    if head[:9] != _INDEX_HEADER:
+        raise bad("bad header")
+    version, code, sequences, documents = struct.unpack("<QBQQ", head[9:34])
+    if version != 1 or code not in _INDEX_DTYPES:
+        raise bad(f"version {version}, dtype code {code}")
+    expected = 34 + 12 * sequences + 8 * documents
+    if size != expected:
+        raise bad(f"{size} bytes where its counts need {expected}: truncated or overwritten")
+    if sequences == 0:
+        return
+    index = np.memmap(idx, mode="r", dtype=np.uint8)
+    lengths = np.frombuffer(index, np.int32, sequences, 34)
+    pointers = np.frombuffer(index, np.int64, sequences, 34 + 4 * sequences)
+    docs = np.frombuffer(index, np.int64, documents, 34 + 12 * sequences)
+    if documents < 1 or int(docs[-1]) != sequences or int(lengths.min()) < 0:
+        raise bad("inconsistent document and sequence tables")
+    itemsize = np.dtype(_INDEX_DTYPES[code]).itemsize
+    need = int(pointers[-1]) + int(lengths[-1]) * itemsize
+    have = os.path.getsize(bin_)
+    if have < need:
+        raise ValueError(f"{where}{bin_} is truncated ({have} bytes; its index {idx} needs {need})")
+
+
 def check_token_range(prefix: str, dtype, vocab_size: int, name: str = "") -> None:
     """Every token id of ``prefix.bin`` lies in ``[0, vocab_size)``; else a one-line
     ``ValueError`` (data tokenised for another model would otherwise fail mid-forward).
@@ -140,12 +192,14 @@ def build_domain_dataset(
         name: the domain name for error messages.
 
     Raises:
-        ValueError: the data have fewer than ``seq_length + 1`` tokens.
+        ValueError: the files are damaged (:func:`check_indexed`), or the data have fewer
+            than ``seq_length + 1`` tokens.
     """
     from megatron.core.datasets.gpt_dataset import GPTDataset
     from megatron.core.datasets.indexed_dataset import IndexedDataset
     from megatron.core.datasets.utils import Split
 
+    check_indexed(prefix, name)
     indexed = IndexedDataset(prefix)
     tokens = int(indexed.sequence_lengths.sum(dtype=np.int64))
     if tokens < seq_length + 1:

@@ -35,6 +35,9 @@ def token_stream(prefix: str) -> np.ndarray:
     """The whole token stream of an indexed dataset ``[n_tokens]``, memory-mapped (no copy)."""
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
+    from megashear.data.domain_dataset import check_indexed
+
+    check_indexed(prefix)
     ds = IndexedDataset(prefix)
     return np.memmap(prefix + ".bin", dtype=ds.index.dtype, mode="r")
 

@@ -104,11 +104,20 @@ def load_manifest(path: str, check_files: bool = True) -> Manifest:
     """Read and validate a manifest; relative paths are relative to the manifest's folder."""
     if not os.path.isfile(path):
         raise ValueError(f"manifest {path} does not exist")
-    with open(path) as f:
-        data = yaml.safe_load(f) or {}
-    base = os.path.dirname(os.path.abspath(path))
     try:
-        domains = [Domain(**d) for d in data.get("domains") or []]
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        first = " ".join(str(exc).split())
+        raise ValueError(f"manifest {path} is not valid YAML ({first})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"manifest {path} must hold a mapping (tokenizer, vocab_size, domains)")
+    base = os.path.dirname(os.path.abspath(path))
+    entries = data.get("domains") or []
+    if not isinstance(entries, list) or not all(isinstance(d, dict) for d in entries):
+        raise ValueError(f"manifest {path}: 'domains' must be a list of mappings")
+    try:
+        domains = [Domain(**d) for d in entries]
     except TypeError as exc:
         raise ValueError(f"manifest {path}: bad domain entry ({exc})") from exc
     for d in domains:

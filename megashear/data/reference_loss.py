@@ -33,12 +33,39 @@ def fit_domain(points: list[tuple[float, float]]) -> tuple[float, float, float]:
     return tuple(float(x) for x in params)
 
 
+def _points(domain: str, points) -> list[tuple[float, float]]:
+    """``[[params, loss], ...]`` checked: pairs of finite numbers, parameter counts above 0."""
+    if not isinstance(points, list):
+        raise ValueError(
+            f"domain {domain}: expected a list of [params, loss] pairs, got {points!r}"
+        )
+    out = []
+    for p in points:
+        ok = isinstance(p, (list, tuple)) and len(p) == 2
+        ok = ok and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in p)
+        if not ok or not all(np.isfinite(p)) or p[0] <= 0:
+            raise ValueError(
+                f"domain {domain}: {p!r} is not a [params, loss] pair of finite numbers "
+                "(params > 0)"
+            )
+        out.append((float(p[0]), float(p[1])))
+    return out
+
+
 def reference_losses(data: dict[str, list], target_params: float) -> dict[str, float]:
-    """Per-domain reference loss at ``target_params`` from ``{domain: [[params, loss], ...]}``."""
+    """Per-domain reference loss at ``target_params`` from ``{domain: [[params, loss], ...]}``.
+
+    Raises:
+        ValueError: ``data`` is not such a mapping, a point is not a pair of finite numbers, or a
+            domain has fewer than three points.
+    """
+    if not isinstance(data, dict) or not data:
+        raise ValueError("expected a JSON object {domain: [[params, loss], ...], ...}")
     out = {}
     for domain, points in data.items():
+        pairs = _points(domain, points)
         try:
-            a, b, c = fit_domain([tuple(p) for p in points])
+            a, b, c = fit_domain(pairs)
         except ValueError as exc:
             raise ValueError(f"domain {domain}: {exc}") from exc
         out[domain] = float(scaling_law(float(target_params), a, b, c))

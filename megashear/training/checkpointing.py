@@ -50,8 +50,11 @@ def read_tracker(root: str) -> int:
     path = os.path.join(root, TRACKER)
     if not os.path.isfile(path):
         raise CheckpointError(f"no checkpoint found: {path} does not exist")
-    with open(path) as f:
-        text = f.read().strip()
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read().strip()
+    except UnicodeDecodeError:
+        text = "<binary data>"
     if not text.isdigit():
         raise CheckpointError(f"{path} does not hold an iteration number: {text!r}")
     return int(text)
@@ -68,8 +71,63 @@ def read_meta(ckpt_dir: str) -> dict:
     path = os.path.join(ckpt_dir, META)
     if not os.path.isfile(path):
         raise CheckpointError(f"{ckpt_dir} is not a megashear checkpoint ({META} missing)")
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path} is not valid JSON ({exc})") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("model"), dict):
+        raise CheckpointError(f"{path} does not describe a model (no 'model' mapping)")
+    return meta
+
+
+def damaged_file(ckpt_dir: str) -> str | None:
+    """What is wrong with the files of the dist checkpoint ``ckpt_dir``, if anything can be
+    seen without reading the tensors: an unreadable ``.metadata``, or a data file that is missing
+    or shorter than the bytes the metadata places in it. None when every file looks complete."""
+    import pickle
+
+    path = os.path.join(ckpt_dir, ".metadata")
+    try:
+        with open(path, "rb") as f:
+            storage = pickle.load(f).storage_data
+    except FileNotFoundError:
+        return f"{path} is missing"
+    except Exception as exc:  # a truncated or overwritten pickle raises anything
+        detail = (str(exc).strip().splitlines() or ["truncated"])[0]
+        return f"{path} is unreadable ({type(exc).__name__}: {detail})"
+    need: dict[str, int] = {}
+    for info in (storage or {}).values():
+        rel = getattr(info, "relative_path", None)
+        if rel is not None:
+            need[rel] = max(need.get(rel, 0), int(info.offset) + int(info.length))
+    for rel, size in sorted(need.items()):
+        file = os.path.join(ckpt_dir, rel)
+        if not os.path.isfile(file):
+            return f"{file} is missing"
+        have = os.path.getsize(file)
+        if have < size:
+            return f"{file} is truncated ({have} of {size} bytes)"
+    return None
+
+
+def dist_load(request: dict, ckpt_dir: str, **kwargs) -> dict:
+    """``dist_checkpointing.load(request, ckpt_dir)``; any failure to read the files is a
+    one-line :class:`CheckpointError` naming the damaged file (or the checkpoint and the
+    first line of the underlying error)."""
+    from megatron.core import dist_checkpointing
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        return dist_checkpointing.load(request, ckpt_dir, **kwargs)
+    except (Exception, CheckpointException) as exc:  # DCP's is a BaseException
+        damage = damaged_file(ckpt_dir)
+        if damage is not None:
+            raise CheckpointError(f"checkpoint {ckpt_dir} cannot be loaded: {damage}") from exc
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise CheckpointError(
+            f"checkpoint {ckpt_dir} cannot be loaded ({type(exc).__name__}: {first})"
+        ) from exc
 
 
 def _write_text_atomic(path: str, text: str) -> None:
@@ -283,8 +341,6 @@ def load_checkpoint(trainer, path: str) -> None:
     A model-only checkpoint (a converted or finalised model) loads the weights and starts at
     iteration 0 with a fresh optimizer.
     """
-    from megatron.core import dist_checkpointing
-
     ckpt_dir = resolve(path)
     meta = read_meta(ckpt_dir)
     check_model_config(meta, trainer.model_cfg, ckpt_dir)
@@ -307,7 +363,7 @@ def load_checkpoint(trainer, path: str) -> None:
         request["optimizer"] = trainer.optimizer.sharded_state_dict(model_sd, is_loading=True)
         if same_layout:
             request["rng_state"] = _rng_sharded_object(is_loading=True)
-    loaded = dist_checkpointing.load(request, ckpt_dir)
+    loaded = dist_load(request, ckpt_dir)
     _load_model_part(trainer.model, loaded, with_masks)
     if full:
         # each group's peak / final LR is the config's, not the checkpoint's (see the scheduler)
@@ -336,14 +392,12 @@ def load_model_weights(model: list[torch.nn.Module], cfg: ModelConfig, path: str
 
     Returns the checkpoint's ``megashear.json`` metadata.
     """
-    from megatron.core import dist_checkpointing
-
     ckpt_dir = resolve(path)
     meta = read_meta(ckpt_dir)
     check_model_config(meta, cfg, ckpt_dir)
     _check_mask_compatibility(meta, model, ckpt_dir)
     with_masks = "pruning" in meta or not _has_masks(model)
-    loaded = dist_checkpointing.load(_model_sharded_state_dict(model, with_masks), ckpt_dir)
+    loaded = dist_load(_model_sharded_state_dict(model, with_masks), ckpt_dir)
     _load_model_part(model, loaded, with_masks)
     return meta
 

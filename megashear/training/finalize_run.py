@@ -45,7 +45,9 @@ def load_masked_full(load: str) -> tuple[dict, dict, ModelConfig, ModelConfig, t
     kinds = tuple(meta["pruning"]["kinds"])
     _, world = init_distributed()
     if world != 1:
-        raise RuntimeError("finalize runs in a single process")
+        raise checkpointing.CheckpointError(
+            f"finalize runs in a single process, not {world} (launch it without torchrun)"
+        )
     par = ParallelConfig()
     init_model_parallel(source, par)
     tconfig = build_transformer_config(source, par)
@@ -91,7 +93,15 @@ def finalize_checkpoint(load: str, save: str, overwrite: bool = False) -> ModelC
         canonical = megatron_to_canonical(weights, source)
         pruned, cfg = finalize(canonical, source, masks, target)
         dense = canonical_to_megatron(pruned, cfg)
-    checkpointing.save_megatron_checkpoint(dense, cfg, save, overwrite=overwrite)
+    try:
+        checkpointing.save_megatron_checkpoint(dense, cfg, save, overwrite=overwrite)
+    except BaseException:
+        # save_megatron_checkpoint writes SAVE.tmp-save and renames it at the end: a failed
+        # save leaves no partial output
+        import shutil
+
+        shutil.rmtree(save.rstrip("/") + ".tmp-save", ignore_errors=True)
+        raise
     logger.info(
         "finalised %s (%d params) -> %s (%d params, kinds %s)",
         load,

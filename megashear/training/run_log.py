@@ -3,6 +3,11 @@
 ``RUN_DIR/events.jsonl`` holds one JSON object per line with a ``kind`` (``train``, ``eval``,
 ``domain_weights``, ...), the ``step`` and the values; ``tools/plot_run.py`` reads it.
 TensorBoard scalars go to ``RUN_DIR/tensorboard`` when the tensorboard package is installed.
+
+A resumed run continues the log of the run it resumes: the records of steps after the resumed
+iteration (steps the interrupted run took after its last checkpoint, which the resumed run
+takes again) are dropped first, so that every step is logged once. A run whose start-up fails
+removes the directories it created (:func:`missing_dirs`, :func:`remove_failed_start`).
 """
 
 from __future__ import annotations
@@ -18,7 +23,20 @@ logger = logging.getLogger(__name__)
 class RunLog:
     """Event log + TensorBoard writer; every method is a no-op on ranks other than 0."""
 
-    def __init__(self, run_dir: str, enabled: bool = True, tensorboard: bool = True) -> None:
+    def __init__(
+        self,
+        run_dir: str,
+        enabled: bool = True,
+        tensorboard: bool = True,
+        resume_from: int | None = None,
+    ) -> None:
+        """Open (append to) ``run_dir/events.jsonl``.
+
+        Args:
+            resume_from: the iteration the run continues from (the loaded checkpoint's); the
+                records of later steps are dropped from the log first. 0 or None: a fresh run,
+                the log is appended to as it is.
+        """
         self.enabled = enabled
         self.run_dir = run_dir
         self._events = None
@@ -26,7 +44,10 @@ class RunLog:
         if not enabled:
             return
         os.makedirs(run_dir, exist_ok=True)
-        self._events = open(os.path.join(run_dir, "events.jsonl"), "a")
+        path = os.path.join(run_dir, "events.jsonl")
+        if resume_from and os.path.isfile(path):
+            drop_after(path, resume_from)
+        self._events = open(path, "a")
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -56,6 +77,69 @@ class RunLog:
             self._events.close()
         if self._tb is not None:
             self._tb.close()
+
+
+def drop_after(path: str, step: int) -> int:
+    """Rewrite the event log ``path`` without the records of steps after ``step`` (and without
+    lines that are not JSON, such as a last line cut off by a crash); atomic (temporary file,
+    then rename). Returns the number of lines dropped."""
+    kept, dropped = [], 0
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                later = isinstance(record, dict) and int(record.get("step", 0)) > step
+            except (json.JSONDecodeError, TypeError, ValueError):
+                later = True
+            if later:
+                dropped += 1
+            else:
+                kept.append(line if line.endswith("\n") else line + "\n")
+    if dropped:
+        tmp = f"{path}.tmp.{os.getpid()}"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(kept)
+        os.replace(tmp, path)
+        logger.info("resuming at step %d: dropped %d later records from %s", step, dropped, path)
+    return dropped
+
+
+def missing_dirs(*paths: str | None) -> list[str]:
+    """For each directory given (None and "" skipped) that does not exist yet, the outermost of
+    its ancestors that does not exist either: what creating it would create."""
+    out = []
+    for path in filter(None, paths):
+        path = os.path.abspath(path)
+        if os.path.exists(path):
+            continue
+        while not os.path.exists(os.path.dirname(path)):
+            path = os.path.dirname(path)
+        if path not in out:
+            out.append(path)
+    return out
+
+
+def remove_failed_start(dirs: list[str]) -> None:
+    """After a run failed at start-up, remove the directories of ``dirs`` (from
+    :func:`missing_dirs` before it started) that it created: its ``config.yaml``, index cache and
+    event log. Nothing is removed once any of them holds a saved checkpoint (the run got past
+    start-up), and only rank 0 (``RANK``, default 0) removes anything."""
+    import shutil
+
+    from megashear.training.checkpointing import TRACKER
+
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    existing = [d for d in dirs if os.path.isdir(d)]
+    for d in existing:
+        for _, _, files in os.walk(d):
+            if TRACKER in files:
+                return
+    for d in existing:
+        shutil.rmtree(d, ignore_errors=True)
+        logger.info("removed %s (created by this failed run)", d)
 
 
 def read_events(run_dir: str, kind: str | None = None) -> list[dict]:

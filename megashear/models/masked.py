@@ -233,13 +233,48 @@ class MaskedRMSNorm(nn.Module):
         return masked_rms_norm(x, self.weight, self.eps, z)
 
 
-def _masked_row_parallel(base: type) -> type:
-    """A subclass of megatron's ``RowParallelLinear`` that masks its input and its output."""
+def _row_parallel_base() -> type:
+    from megatron.core.tensor_parallel import RowParallelLinear
 
-    class MaskedRowParallelLinear(base):
-        input_mask_kind: str | None = None  # "head" or "intermediate"; set by the spec
-        output_gate_kind: str | None = None  # "head_layer" or "mlp"
-        head_dim: int = 1
+    return RowParallelLinear
+
+
+_MASKED_ROW_PARALLEL: type | None = None
+
+
+def _masked_row_parallel_class() -> type:
+    """``MaskedRowParallelLinear``: megatron's ``RowParallelLinear`` that masks its input and
+    gates its output, configured through ``ModuleSpec(params=...)`` (see
+    :func:`masked_layer_spec`):
+
+    - ``input_mask_kind``: ``"head"`` (input ``[s, b, np*hn]``, one mask value per head of
+      ``head_dim`` channels) or ``"intermediate"`` (input ``[s, b, f/tp]``, one per channel);
+    - ``output_gate_kind``: ``"head_layer"`` or ``"mlp"``, multiplied into the output
+      ``[s, b, h]`` together with ``z_layer`` and ``z_hidden``.
+
+    Defined on first use, as megatron-core is imported lazily in this package; the module
+    attribute ``MaskedRowParallelLinear`` is the same class.
+    """
+    global _MASKED_ROW_PARALLEL
+    if _MASKED_ROW_PARALLEL is not None:
+        return _MASKED_ROW_PARALLEL
+    base = _row_parallel_base()
+
+    class _Masked(base):
+        def __init__(
+            self,
+            *args,
+            input_mask_kind: str,
+            output_gate_kind: str,
+            head_dim: int = 1,
+            **kwargs,
+        ) -> None:
+            super().__init__(*args, **kwargs)
+            if input_mask_kind not in ("head", "intermediate"):
+                raise ValueError(f"input_mask_kind must be head or intermediate: {input_mask_kind}")
+            self.input_mask_kind = input_mask_kind
+            self.output_gate_kind = output_gate_kind
+            self.head_dim = head_dim
 
         def forward(self, input_: torch.Tensor):
             bank = _bank_of(self)
@@ -266,31 +301,35 @@ def _masked_row_parallel(base: type) -> type:
                 output = output * scale  # [s, b, h] * ([h] or scalar)
             return output, bias
 
-    MaskedRowParallelLinear.__name__ = f"Masked{base.__name__}"
-    return MaskedRowParallelLinear
+    _Masked.__name__ = _Masked.__qualname__ = "MaskedRowParallelLinear"
+    _MASKED_ROW_PARALLEL = _Masked
+    return _Masked
 
 
-def _make_leaf(kind_in: str, gate: str, head_dim: int) -> type:
-    from megatron.core.tensor_parallel import RowParallelLinear
-
-    cls = _masked_row_parallel(RowParallelLinear)
-    return type(
-        f"Masked{kind_in.capitalize()}Projection",
-        (cls,),
-        {"input_mask_kind": kind_in, "output_gate_kind": gate, "head_dim": head_dim},
-    )
+def __getattr__(name: str):
+    if name == "MaskedRowParallelLinear":
+        return _masked_row_parallel_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def masked_layer_spec(head_dim: int):
     """megatron-core's local LLaMA spec with the masked leaves swapped in (see module doc)."""
+    from megatron.core.transformer.spec_utils import ModuleSpec
+
     from megashear.models.llama import layer_spec
 
     spec = layer_spec(use_te=False)
     sub = spec.submodules
     sub.input_layernorm = MaskedRMSNorm
     sub.pre_mlp_layernorm = MaskedRMSNorm
-    sub.self_attention.submodules.linear_proj = _make_leaf("head", "head_layer", head_dim)
-    sub.mlp.submodules.linear_fc2 = _make_leaf("intermediate", "mlp", head_dim)
+    sub.self_attention.submodules.linear_proj = ModuleSpec(
+        module=_masked_row_parallel_class(),
+        params={"input_mask_kind": "head", "output_gate_kind": "head_layer", "head_dim": head_dim},
+    )
+    sub.mlp.submodules.linear_fc2 = ModuleSpec(
+        module=_masked_row_parallel_class(),
+        params={"input_mask_kind": "intermediate", "output_gate_kind": "mlp"},
+    )
     return spec
 
 

@@ -26,14 +26,9 @@ import os
 import sys
 from collections.abc import Mapping
 
+from megashear.pruning.targets import TARGET_FIELDS
+
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
-TARGET_FIELDS = (
-    "num_layers",
-    "hidden_size",
-    "num_attention_heads",
-    "num_query_groups",
-    "ffn_hidden_size",
-)
 
 
 class LazyCanonical(Mapping):

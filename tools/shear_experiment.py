@@ -50,15 +50,9 @@ from shear_stages import SMOLLM2_EOS, ShearStages, load_fetcher, manifest_with_w
 from stage_runner import StageRunner  # noqa: E402
 
 from megashear.paths import corpus_dir  # noqa: E402
+from megashear.pruning.targets import TARGET_FIELDS  # noqa: E402
 
 ARMS = ("sheared", "static", "one-shot", "scratch", "distill")
-TARGET_FIELDS = (
-    "num_layers",
-    "hidden_size",
-    "num_attention_heads",
-    "num_query_groups",
-    "ffn_hidden_size",
-)
 DEFAULT_TARGET = (16, 384, 6, 2, 1024)
 
 

@@ -37,6 +37,15 @@ TARGET_PRESETS: dict[str, dict[str, int]] = {
     ),
 }
 
+# The shape fields a target may set (make_target's keywords; tools spell them --target-FIELD).
+TARGET_FIELDS = (
+    "num_layers",
+    "hidden_size",
+    "num_attention_heads",
+    "num_query_groups",
+    "ffn_hidden_size",
+)
+
 
 def make_target(
     source: ModelConfig,

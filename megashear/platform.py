@@ -25,6 +25,14 @@ patches, each a few lines, each recorded in :data:`PATCHES` with the failure it 
     ``clip_grad_by_total_norm_fp32`` asserts ``grad.type() == 'torch.cuda.FloatTensor'``; the
     replacement checks the dtype instead (and scales with ``torch._foreach_mul_``).
 
+``checkpoint_writer``
+    ``dist_checkpointing.save`` (torch_dist) forks one writer process per bucket and, on first
+    use, spawns a ``multiprocessing.Manager`` server for its results queue that lives as long
+    as the program. A rank killed with ``kill -9`` (or a node's OOM killer) leaves that server,
+    and a writer caught mid-save, behind (about 290 MB each). The patch writes the buckets in
+    the calling process, one after the other, into a plain in-process queue: no child process
+    exists to outlive its parent. The checkpoint files are byte-for-byte the same.
+
 Two more patches are for speed, not correctness. Without TE or apex, megatron-core falls back to
 a per-tensor Python loop for the gradient norm and to ``torch.optim.AdamW`` without ``fused`` or
 ``foreach``, which on CPU is torch's single-tensor for-loop:
@@ -375,6 +383,43 @@ def _patch_fused_adam() -> None:
         mcore_optimizer.torch = _TorchForOptimizer(mcore_optimizer.torch)
 
 
+def _write_buckets_in_process(
+    transform_list, use_msc: bool, rank: int, write_buckets, global_results_queue
+) -> None:
+    """megatron's ``FileSystemWriterAsync.write_preloaded_data_multiproc`` without processes:
+    every bucket written by ``write_preloaded_data`` here, results as ``{bucket: results}`` (or
+    the first exception) into ``global_results_queue``."""
+    import queue
+
+    from megatron.core.dist_checkpointing.strategies.filesystem_async import (
+        FileSystemWriterAsync,
+    )
+
+    results = {}
+    for i, bucket in enumerate(write_buckets):
+        local, count = queue.Queue(), queue.Queue()
+        count.put(i)  # write_preloaded_data takes it and marks it done
+        FileSystemWriterAsync.write_preloaded_data(
+            transform_list, i, bucket, local, count, True, use_msc=use_msc
+        )
+        index, outcome = local.get()
+        if isinstance(outcome, Exception):
+            global_results_queue.put(outcome)
+            return
+        results[index] = outcome
+    global_results_queue.put(results)
+
+
+def _patch_checkpoint_writer() -> None:
+    import queue
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    writer = filesystem_async.FileSystemWriterAsync
+    writer.write_preloaded_data_multiproc = staticmethod(_write_buckets_in_process)
+    filesystem_async._get_write_results_queue = queue.Queue  # one per save, in this process
+
+
 @dataclass(frozen=True)
 class Patch:
     """A named CPU patch and the failure it prevents."""
@@ -394,6 +439,11 @@ PATCHES: tuple[Patch, ...] = (
     Patch("tensor_cuda", _patch_tensor_cuda, "Tensor.cuda() in optimizer/checkpoint loading"),
     Patch("rng_tracker", _patch_rng_tracker, "model_parallel_cuda_manual_seed reading CUDA RNG"),
     Patch("clip_grads", _patch_clip_grads, "AssertionError on grad.type() in grad clipping"),
+    Patch(
+        "checkpoint_writer",
+        _patch_checkpoint_writer,
+        "checkpoint-writer child processes (and a Manager server) outliving a killed rank",
+    ),
     Patch("foreach_grad_norm", _patch_foreach_grad_norm, "a per-tensor Python loop (speed)"),
     Patch("fused_adam", _patch_fused_adam, "torch's single-tensor AdamW loop on CPU (speed)"),
 )

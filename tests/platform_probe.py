@@ -48,6 +48,37 @@ def probe_clip_grads():
     assert torch.allclose(p.grad, torch.full((3,), 0.5), atol=1e-5)
 
 
+def probe_checkpoint_writer():
+    import multiprocessing
+    import tempfile
+
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    started = []
+    real_start = multiprocessing.process.BaseProcess.start
+
+    def counting_start(self):
+        started.append(type(self).__name__)
+        return real_start(self)
+
+    multiprocessing.process.BaseProcess.start = counting_start
+    try:
+        with tempfile.TemporaryDirectory() as d:
+            x = torch.arange(6.0)
+            dist_checkpointing.save({"x": ShardedTensor.from_rank_offsets("x", x)}, d)
+            back = dist_checkpointing.load(
+                {"x": ShardedTensor.from_rank_offsets("x", torch.empty(6))}, d
+            )
+            assert torch.equal(back["x"], x)
+    finally:
+        multiprocessing.process.BaseProcess.start = real_start
+    left = multiprocessing.active_children()
+    assert not started and not left, (
+        f"child processes: the save started {started}; alive after it: {left}"
+    )
+
+
 def probe_foreach_grad_norm():
     from megatron.core.optimizer import clip_grads
 

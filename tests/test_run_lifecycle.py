@@ -147,3 +147,51 @@ def test_run_log_resume_rewrites_the_file_atomically(tmp_path):
     # a fresh run (iteration 0) appends to the log as it is
     RunLog(str(tmp_path), tensorboard=False, resume_from=0).close()
     assert len(read_events(str(tmp_path))) == 4
+
+
+def _children(pid: int) -> set[int]:
+    """PIDs of the live processes whose parent is ``pid`` (from /proc)."""
+    out = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid and fields[0] != "Z":
+                out.add(int(entry))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_kill_9_after_checkpoint_saves_leaves_no_child_process(tmp_path):
+    """megatron-core's checkpoint writer forks writers and spawns a Manager server; after a
+    ``kill -9`` of the rank none of its children may be left (the checkpoint_writer patch)."""
+    cmd = command(tmp_path, 100_000) + ["--checkpoint.save_interval=1"]
+    proc = subprocess.Popen(cmd, stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL, env=ENV)
+    seen: set[int] = set()
+    tracker = tmp_path / "ckpt" / "latest_checkpointed_iteration.txt"
+    try:
+        deadline = time.time() + 120
+        while not (tracker.is_file() and int(tracker.read_text() or 0) >= 3):
+            assert proc.poll() is None and time.time() < deadline, "the run did not save"
+            seen |= _children(proc.pid)
+            time.sleep(0.05)
+        seen |= _children(proc.pid)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        proc.kill()
+    time.sleep(1.0)
+    survivors = sorted(pid for pid in seen if _alive(pid))
+    for pid in survivors:  # do not leak them into the rest of the suite
+        os.kill(pid, signal.SIGKILL)
+    assert not survivors, f"children of the killed rank still alive: {survivors}"

@@ -195,3 +195,64 @@ def test_kill_9_after_checkpoint_saves_leaves_no_child_process(tmp_path):
     for pid in survivors:  # do not leak them into the rest of the suite
         os.kill(pid, signal.SIGKILL)
     assert not survivors, f"children of the killed rank still alive: {survivors}"
+
+
+LAUNCH = Path(__file__).resolve().parents[1] / "examples" / "common" / "launch.sh"
+
+
+def _launched(tmp_path: Path, iters: int, runner: str, port: int) -> subprocess.Popen:
+    """``megashear train`` on 2 ranks (DP2) through the examples' launcher."""
+    args = " ".join(command(tmp_path, iters)[3:] + ["--checkpoint.save_interval=1"])
+    script = f"source {LAUNCH}; {runner} {args}"
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"  # torchrun
+    env = dict(ENV, NPROC_PER_NODE="2", MASTER_PORT=str(port), MAX_RESTARTS="2", PATH=path)
+    return subprocess.Popen(
+        ["bash", "-c", script], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        text=True, start_new_session=True,
+    )  # fmt: skip
+
+
+def _train_losses(tmp_path: Path) -> dict[int, float]:
+    path = tmp_path / "log" / "events.jsonl"
+    lines = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    return {e["step"]: e["loss"] for e in lines if e["kind"] == "train"}
+
+
+def _rank_pids(root: int) -> list[int]:
+    """The megashear ranks among the descendants of ``root``."""
+    todo, ranks = [root], []
+    while todo:
+        for child in _children(todo.pop()):
+            todo.append(child)
+            with open(f"/proc/{child}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+            if b"megashear.cli" in argv and not any(b"torchrun" in a for a in argv):
+                ranks.append(child)
+    return ranks
+
+
+def test_kill_9_of_one_rank_under_the_restart_recipe_resumes_to_the_same_losses(tmp_path):
+    iters = 16
+    ref_dir, run_dir = tmp_path / "uninterrupted", tmp_path / "killed"
+    ref = _launched(ref_dir, iters, "megashear_run", 29640)
+    _, err = ref.communicate(timeout=600)
+    assert ref.returncode == 0, err[-2000:]
+    run = _launched(run_dir, iters, "megashear_run_restarting", 29650)
+    tracker = run_dir / "ckpt" / "latest_checkpointed_iteration.txt"
+    try:
+        deadline = time.time() + 300
+        while not (tracker.is_file() and int(tracker.read_text() or 0) >= 4):
+            assert run.poll() is None and time.time() < deadline, "the run did not save"
+            time.sleep(0.1)
+        ranks = _rank_pids(run.pid)
+        assert len(ranks) == 2, ranks
+        os.kill(ranks[-1], signal.SIGKILL)
+        _, err = run.communicate(timeout=600)
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+    assert run.returncode == 0, err[-3000:]
+    assert "relaunch 1 from checkpoint" in err
+    want, got = _train_losses(ref_dir), _train_losses(run_dir)
+    assert sorted(got) == list(range(1, iters + 1))  # each step once: the re-run ones replaced
+    assert got == want

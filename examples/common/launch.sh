@@ -30,3 +30,35 @@ fi
 megashear_run() {
   torchrun "${DISTRIBUTED_ARGS[@]}" -m megashear.cli "$@"
 }
+
+# megashear_run_restarting SUBCOMMAND ARGS...: megashear_run, relaunched after a failure for as
+# long as each attempt moved the checkpoint forward (at most MAX_RESTARTS relaunches, default
+# 3). Give it checkpoint.load = checkpoint.save: the first launch starts fresh, every relaunch
+# resumes from the last checkpoint. Each attempt is a fresh torchrun (on the next port without a
+# rendezvous endpoint): torch's in-place restart (torchrun --max-restarts) often fails to rebuild
+# gloo's connections, or hangs, after one rank is killed with kill -9.
+megashear_run_restarting() {
+  local save="" arg attempt=0 rc before after
+  for arg in "$@"; do
+    [[ "$arg" == --checkpoint.save=* ]] && save="${arg#--checkpoint.save=}"
+  done
+  local tracker="$save/latest_checkpointed_iteration.txt"
+  while true; do
+    before=$(cat "$tracker" 2>/dev/null || echo none)
+    rc=0
+    megashear_run "$@" || rc=$?
+    [[ $rc -eq 0 ]] && return 0
+    after=$(cat "$tracker" 2>/dev/null || echo none)
+    if [[ -z "$save" || "$after" == "$before" || $attempt -ge ${MAX_RESTARTS:-3} ]]; then
+      echo "megashear_run_restarting: attempt $((attempt + 1)) failed (exit $rc) at checkpoint" \
+        "$after; not relaunching" >&2
+      return "$rc"
+    fi
+    attempt=$((attempt + 1))
+    echo "megashear_run_restarting: exit $rc; relaunch $attempt from checkpoint $after" >&2
+    if [[ -z "${RDZV_ENDPOINT:-}" ]]; then
+      DISTRIBUTED_ARGS=("${DISTRIBUTED_ARGS[@]/#$MASTER_PORT/$((MASTER_PORT + 1))}")
+      MASTER_PORT=$((MASTER_PORT + 1))
+    fi
+  done
+}

@@ -88,7 +88,7 @@ def _fresh_resumable_start(cfg: RunConfig) -> bool:
     """``checkpoint.load`` equal to ``checkpoint.save`` with nothing saved there yet: the first
     launch of a command line that a relaunch (torchrun ``--max-restarts``, a requeued Slurm
     job) repeats to resume, as megatron does when ``--load`` holds no checkpoint."""
-    from megashear.training.checkpointing import META, TRACKER
+    from megashear.checkpoint.format import META, TRACKER
 
     load, save = cfg.checkpoint.load, cfg.checkpoint.save
     if not load or not save or os.path.realpath(load) != os.path.realpath(save):
@@ -100,7 +100,7 @@ def _checkpoint_model(
     load: str, args: argparse.Namespace, preset_model: ModelConfig | None, preset: str
 ) -> ModelConfig:
     """The model of checkpoint ``load``, with the explicitly given ``seq_length``, if any."""
-    from megashear.training.checkpointing import read_meta, resolve
+    from megashear.checkpoint.format import read_meta, resolve
 
     saved = ModelConfig.from_dict(read_meta(resolve(load))["model"])
     # Where each model field was set explicitly (later sources win): preset < YAML < flags.
@@ -346,7 +346,7 @@ def cmd_prune(cfg: RunConfig) -> int | None:
 
 
 def cmd_finalize(cfg: RunConfig) -> None:
-    from megashear.training.finalize_run import finalize_checkpoint
+    from megashear.finalize_run import finalize_checkpoint
 
     if not cfg.checkpoint.load or not cfg.checkpoint.save:
         raise UsageError("finalize needs checkpoint.load (pruning run) and checkpoint.save")
@@ -366,9 +366,10 @@ def cmd_finalize(cfg: RunConfig) -> None:
 def cmd_evaluate(cfg: RunConfig) -> None:
     """Per-domain validation loss of a checkpoint (a pruning one under its deterministic
     masks) as JSON; with ``data.write_reference`` also into the manifest (source reference)."""
+    from megashear.checkpoint.format import read_meta, resolve
+    from megashear.checkpoint.model_state import load_model_weights
     from megashear.data.loader import check_vocab, data_cache_dir, validation_batches
     from megashear.data.manifest import load_manifest, save_manifest
-    from megashear.training.checkpointing import load_model_weights, read_meta, resolve
     from megashear.training.trainer import Trainer
 
     if not cfg.checkpoint.load or not cfg.data.manifest:

@@ -19,9 +19,9 @@ import sys
 import torch
 import torch.distributed as dist
 
+from megashear.checkpoint import model_state as checkpointing
 from megashear.config import CheckpointConfig, ParallelConfig, TrainConfig
 from megashear.model_config import get_preset
-from megashear.training import checkpointing
 from megashear.training.batches import SyntheticBatches
 from megashear.training.trainer import Trainer
 

@@ -21,9 +21,9 @@ import sys
 import torch
 import torch.distributed as dist
 
+from megashear.checkpoint import model_state as checkpointing
 from megashear.config import CheckpointConfig, DistillConfig, ParallelConfig, TrainConfig
 from megashear.model_config import ModelConfig
-from megashear.training import checkpointing
 from megashear.training.batches import SyntheticBatches
 from megashear.training.trainer import Trainer
 
@@ -105,7 +105,7 @@ def prune(job: dict) -> dict:
     import dataclasses
 
     from megashear.config import PruningConfig
-    from megashear.training.finalize_run import finalize_checkpoint
+    from megashear.finalize_run import finalize_checkpoint
     from megashear.training.pruning_trainer import PruningTrainer
 
     cfg = ModelConfig.from_dict(job["model"])

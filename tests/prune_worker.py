@@ -24,9 +24,10 @@ import sys
 import torch
 import torch.distributed as dist
 
+from megashear.checkpoint import model_state as checkpointing
+from megashear.checkpoint.format import read_meta, resolve
 from megashear.config import CheckpointConfig, ParallelConfig, PruningConfig, TrainConfig
 from megashear.model_config import ModelConfig, get_preset
-from megashear.training import checkpointing
 from megashear.training.batches import SyntheticBatches
 from megashear.training.pruning_trainer import PruningTrainer
 from megashear.training.trainer import Trainer
@@ -78,7 +79,7 @@ def set_random_log_alpha(t: PruningTrainer, seed: int) -> None:
 
 def plain_logits(job: dict) -> dict:
     """Logits of a plain (finalised) checkpoint on the ``logits`` mode's batch."""
-    meta = checkpointing.read_meta(checkpointing.resolve(job["load_model"]))
+    meta = read_meta(resolve(job["load_model"]))
     cfg = ModelConfig.from_dict(meta["model"])
     par = ParallelConfig(tp=job.get("tp", 1), pp=job.get("pp", 1))
     train = TrainConfig(micro_batch_size=2, global_batch_size=8)
@@ -101,7 +102,7 @@ def token_losses(job: dict) -> dict:
 
     tokens, labels = job["tokens"], job["labels"]
     b, s = tokens.shape
-    meta = checkpointing.read_meta(checkpointing.resolve(job["load_model"]))
+    meta = read_meta(resolve(job["load_model"]))
     cfg = dataclasses.replace(ModelConfig.from_dict(meta["model"]), seq_length=s)
     par = ParallelConfig(tp=job.get("tp", 1), pp=job.get("pp", 1))
     train = TrainConfig(micro_batch_size=2, global_batch_size=8)

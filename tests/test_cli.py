@@ -81,8 +81,8 @@ def resolved(*argv: str):
 
 
 def saved_model(ckpt: str):
+    from megashear.checkpoint.format import read_meta, resolve
     from megashear.model_config import ModelConfig
-    from megashear.training.checkpointing import read_meta, resolve
 
     return ModelConfig.from_dict(read_meta(resolve(ckpt))["model"])
 

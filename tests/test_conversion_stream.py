@@ -48,12 +48,12 @@ def _compare_with_megatron_save(name: str, workdir: str) -> dict:
     """Run in a subprocess: one model saved by megatron-core and by the streaming writer."""
     from megashear.conversion.dist_stream import CheckpointReader, write_checkpoint
     from megashear.conversion.megatron_layout import canonical_to_megatron
-    from megashear.layout import canonical_shapes
-    from megashear.model_config import ModelConfig
-    from megashear.training.checkpointing import (
+    from megashear.conversion.megatron_model import (
         load_megatron_checkpoint,
         save_megatron_checkpoint,
     )
+    from megashear.layout import canonical_shapes
+    from megashear.model_config import ModelConfig
 
     cfg = ModelConfig(**SHAPES[name], ffn_hidden_size=96, vocab_size=100, seq_length=32)
     gen = torch.Generator().manual_seed(0)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+from megashear.checkpoint.format import CheckpointError, check_model_config
 from megashear.config import ParallelConfig
 from megashear.model_config import ModelConfig, get_preset
 from megashear.models.llama import validate_layout
-from megashear.training.checkpointing import CheckpointError, check_model_config
 
 
 @pytest.mark.parametrize(

@@ -48,7 +48,7 @@ def _check_layout(cfg, tp: int, pp: int) -> None:
 
 
 def _check_output(args) -> None:
-    from megashear.conversion.dist_stream import check_output_path
+    from megashear.checkpoint.publish import check_output_path
 
     check_output_path(args.load, args.save, args.overwrite)
 

@@ -57,12 +57,9 @@ class LazyCanonical(Mapping):
 def one_shot(args) -> dict:
     import torch
 
+    from megashear.checkpoint.publish import check_output_path
     from megashear.config import ParallelConfig
-    from megashear.conversion.dist_stream import (
-        CheckpointReader,
-        check_output_path,
-        write_checkpoint,
-    )
+    from megashear.conversion.dist_stream import CheckpointReader, write_checkpoint
     from megashear.conversion.megatron_layout import megatron_tensor
     from megashear.models.llama import validate_layout
     from megashear.parallel import init_distributed

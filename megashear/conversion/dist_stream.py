@@ -27,15 +27,24 @@ the tracker written last) and are written under a temporary name that is renamed
 from __future__ import annotations
 
 import io
-import json
 import logging
 import os
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
+from megashear.checkpoint.dist_files import dist_load, tensor_metadata, write_backend_files
+from megashear.checkpoint.format import (
+    CheckpointError,
+    iteration_dir,
+    model_meta,
+    read_meta,
+    resolve,
+    write_meta,
+    write_tracker,
+)
+from megashear.checkpoint.publish import check_new_output, publish_dir
 from megashear.conversion.megatron_layout import FC1, GLOBAL_KEYS, LAYER_KEYS, QKV
 from megashear.model_config import ModelConfig
 
@@ -218,20 +227,6 @@ def _extra_state_bytes() -> io.BytesIO:
     return buf
 
 
-def check_output_path(load: str, save: str, overwrite: bool) -> None:
-    """Refuse (``ValueError``, one line) an output that would destroy the input (``save`` equal
-    to, inside or containing ``load``, even with ``overwrite``) or replace an existing one
-    without ``overwrite``."""
-    src, dst = os.path.realpath(load), os.path.realpath(save)
-    if src == dst or src.startswith(dst + os.sep) or dst.startswith(src + os.sep):
-        raise ValueError(
-            f"--save {save} overlaps --load {load}: writing it would destroy the input "
-            "(save to another directory)"
-        )
-    if os.path.exists(save) and not overwrite:
-        raise ValueError(f"output {save} exists (pass --overwrite to replace it)")
-
-
 def write_checkpoint(
     save_dir: str,
     cfg: ModelConfig,
@@ -252,16 +247,14 @@ def write_checkpoint(
         tp, pp: the layout the chunks are cut for (any layout loads the checkpoint).
 
     Raises:
-        ValueError: the output exists without ``overwrite``, or ``get`` returns a wrong shape.
+        CheckpointError: the output exists without ``overwrite``.
+        ValueError: ``get`` returns a wrong shape.
     """
     from torch.distributed.checkpoint import FileSystemWriter
     from torch.distributed.checkpoint import save as dcp_save
     from tqdm import tqdm
 
-    from megashear.training.checkpointing import iteration_dir
-
-    if os.path.exists(save_dir) and not overwrite:
-        raise ValueError(f"output {save_dir} exists (pass --overwrite to replace it)")
+    check_new_output(save_dir, overwrite)
     shapes = full_shapes(cfg)
     key_of = {sk.key: sk for sk in SHARDED_KEYS}
     items = _write_items(cfg, dtype, tp)
@@ -293,11 +286,9 @@ def write_checkpoint(
             t = t.narrow(dim, o, s)
         return t.unsqueeze(0).contiguous() if sk.per_layer else t.contiguous()
 
-    tmp_root = save_dir.rstrip("/") + ".tmp-save"
-    shutil.rmtree(tmp_root, ignore_errors=True)
-    ckpt = iteration_dir(tmp_root, 0)
-    os.makedirs(ckpt)
-    try:
+    def fill(tmp_root: str) -> None:
+        ckpt = iteration_dir(tmp_root, 0)
+        os.makedirs(ckpt)
         try:
             dcp_save(
                 {},
@@ -313,12 +304,8 @@ def write_checkpoint(
         finally:
             bar.close()
         _finish_checkpoint(tmp_root, ckpt, cfg, dtype, tp, pp, extra_meta)
-    except BaseException:
-        shutil.rmtree(tmp_root, ignore_errors=True)  # no partial output
-        raise
-    if os.path.exists(save_dir):
-        shutil.rmtree(save_dir)
-    os.replace(tmp_root, save_dir)
+
+    publish_dir(save_dir, fill)
     logger.info("wrote %s (%d chunks)", save_dir, len(items))
 
 
@@ -333,31 +320,12 @@ def _finish_checkpoint(
 ) -> None:
     """The files besides the tensors: common state, backend metadata, ``megashear.json`` and
     the tracker (written last)."""
-    from megashear.training.checkpointing import META, TRACKER
-
-    torch.save({}, os.path.join(ckpt, "common.pt"))
-    with open(os.path.join(ckpt, "metadata.json"), "w") as f:
-        json.dump(
-            {
-                "sharded_backend": "torch_dist",
-                "sharded_backend_version": 1,
-                "common_backend": "torch",
-                "common_backend_version": 1,
-            },
-            f,
-        )
-    meta = {
-        "model": cfg.to_dict(),
-        "layout": {"tp": tp, "pp": pp, "dp": 1, "vpp": None},
-        "iteration": 0,
-        "contents": ["model"],
-        "dtype": str(dtype).replace("torch.", ""),
-        **(extra_meta or {}),
-    }
-    with open(os.path.join(ckpt, META), "w") as f:
-        json.dump(meta, f, indent=2)
-    with open(os.path.join(tmp_root, TRACKER), "w") as f:
-        f.write("0")
+    write_backend_files(ckpt)
+    extra = {"dtype": str(dtype).replace("torch.", ""), **(extra_meta or {})}
+    write_meta(
+        ckpt, model_meta(cfg, {"tp": tp, "pp": pp, "dp": 1, "vpp": None}, 0, ["model"], **extra)
+    )
+    write_tracker(tmp_root, 0)
 
 
 class CheckpointReader:
@@ -368,15 +336,6 @@ class CheckpointReader:
     """
 
     def __init__(self, path: str, dtype: torch.dtype | None = None) -> None:
-        import pickle
-
-        from megashear.training.checkpointing import (
-            CheckpointError,
-            damaged_file,
-            read_meta,
-            resolve,
-        )
-
         self.dir = resolve(path)
         meta = read_meta(self.dir)
         if "pruning" in meta:
@@ -386,20 +345,12 @@ class CheckpointReader:
             )
         self.meta = meta
         self.cfg = ModelConfig.from_dict(meta["model"])
-        try:
-            with open(os.path.join(self.dir, ".metadata"), "rb") as f:
-                stored = pickle.load(f).state_dict_metadata
-        except Exception as exc:  # missing, truncated or not a DCP metadata pickle
-            damage = damaged_file(self.dir) or f"{self.dir}/.metadata: {type(exc).__name__}"
-            raise CheckpointError(f"checkpoint {self.dir} cannot be loaded: {damage}") from None
-        damage = damaged_file(self.dir)
-        if damage is not None:  # checked before any output is written
-            raise CheckpointError(f"checkpoint {self.dir} cannot be loaded: {damage}")
+        stored = tensor_metadata(self.dir)  # damage is refused before any output is written
         self.keys = sharded_keys(self.cfg)
         missing = [sk.key for sk in self.keys if sk.key not in stored]
         if missing:
             raise CheckpointError(f"{self.dir} holds no tensor {missing[0]}")
-        self.stored_dtype = stored[SHARDED_KEYS[0].key].properties.dtype
+        self.stored_dtype = stored[SHARDED_KEYS[0].key].dtype
         self.dtype = dtype or self.stored_dtype
         self.shapes = full_shapes(self.cfg)
         self._layer: int | None = None
@@ -407,8 +358,6 @@ class CheckpointReader:
 
     def _load(self, layer: int | None) -> None:
         from megatron.core.dist_checkpointing.mapping import ShardedTensor
-
-        from megashear.training.checkpointing import dist_load
 
         request = {}
         for sk in self.keys:

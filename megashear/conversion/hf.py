@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from collections.abc import Callable
 
 import torch
 
+from megashear.checkpoint.publish import publish_dir
 from megashear.conversion.safetensors_io import TensorInfo, read_header, read_tensor, write_file
 from megashear.layout import canonical_order, canonical_shapes
 from megashear.model_config import ModelConfig
@@ -386,17 +386,12 @@ def write_hf_stream(
             size = 0
         shards[-1].append(key)
         size += nbytes
-    tmp = path.rstrip("/") + ".tmp-hf"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    try:
+
+    def fill(tmp: str) -> None:
+        os.makedirs(tmp)
         _fill_hf_dir(tmp, get, cfg, dtype, shards, tokenizer, progress)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if os.path.exists(path):
-        shutil.rmtree(path)
-    os.replace(tmp, path)
+
+    publish_dir(path, fill, suffix=".tmp-hf")
 
 
 def _fill_hf_dir(

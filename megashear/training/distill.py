@@ -51,7 +51,7 @@ class DistillError(ValueError):
 def teacher_fingerprint(path: str) -> str:
     """A cheap identity of a checkpoint directory: sha256 over every file's relative name, size
     and first / last MiB (the weights of a different model differ there)."""
-    from megashear.training.checkpointing import resolve
+    from megashear.checkpoint.format import resolve
 
     ckpt_dir = resolve(path)
     digest = hashlib.sha256()
@@ -71,8 +71,8 @@ def teacher_fingerprint(path: str) -> str:
 
 def teacher_model_config(cfg: DistillConfig, student: ModelConfig, par: ParallelConfig, world: int):
     """The teacher's :class:`ModelConfig`, checked against the student and the layout."""
+    from megashear.checkpoint.format import CheckpointError, read_meta, resolve
     from megashear.models.llama import validate_layout
-    from megashear.training.checkpointing import CheckpointError, read_meta, resolve
 
     if not os.path.exists(cfg.teacher):
         raise DistillError(f"distill.teacher {cfg.teacher} does not exist")
@@ -114,8 +114,8 @@ class Teacher:
         import torch.distributed as dist
         from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
+        from megashear.checkpoint.model_state import load_model_weights
         from megashear.models.llama import build_model, build_transformer_config
-        from megashear.training.checkpointing import load_model_weights
 
         self.cfg = cfg
         self.model_cfg = teacher_model_config(cfg, student, par, dist.get_world_size())

@@ -128,7 +128,7 @@ def remove_failed_start(dirs: list[str]) -> None:
     start-up), and only rank 0 (``RANK``, default 0) removes anything."""
     import shutil
 
-    from megashear.training.checkpointing import TRACKER
+    from megashear.checkpoint.format import TRACKER
 
     if int(os.environ.get("RANK", "0")) != 0:
         return

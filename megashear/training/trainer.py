@@ -377,7 +377,7 @@ class Trainer:
         if saved is None or self.teacher is None:
             return
         if saved["fingerprint"] != self.teacher.fingerprint:
-            from megashear.training.checkpointing import CheckpointError
+            from megashear.checkpoint.format import CheckpointError
 
             raise CheckpointError(
                 f"distill.teacher {self.teacher.cfg.teacher} is not the teacher this checkpoint "

@@ -13,6 +13,9 @@ Steps, in one process (the checkpoint may have been saved at any TP/PP layout):
 
 The whole model is held in memory once (fp32 on CPU), which suits the CPU-scale runs; a 7B
 source needs about 27 GB.
+
+It stands above both training and conversion (it joins the masked model, the pruning
+finalisation and conversion's megatron layout), so that neither of those imports the other.
 """
 
 from __future__ import annotations
@@ -21,8 +24,10 @@ import logging
 
 import torch
 
+from megashear.checkpoint.format import CheckpointError, read_meta, resolve
+from megashear.checkpoint.model_state import load_model_weights
+from megashear.checkpoint.publish import check_new_output
 from megashear.model_config import ModelConfig
-from megashear.training import checkpointing
 
 logger = logging.getLogger(__name__)
 
@@ -34,10 +39,10 @@ def load_masked_full(load: str) -> tuple[dict, dict, ModelConfig, ModelConfig, t
     from megashear.models.masked import MaskBank, attach_mask_bank, masked_block_spec
     from megashear.parallel import init_distributed, init_model_parallel
 
-    ckpt_dir = checkpointing.resolve(load)
-    meta = checkpointing.read_meta(ckpt_dir)
+    ckpt_dir = resolve(load)
+    meta = read_meta(ckpt_dir)
     if "pruning" not in meta:
-        raise checkpointing.CheckpointError(
+        raise CheckpointError(
             f"{ckpt_dir} is not a pruning checkpoint (no mask settings in megashear.json)"
         )
     source = ModelConfig.from_dict(meta["model"])
@@ -45,7 +50,7 @@ def load_masked_full(load: str) -> tuple[dict, dict, ModelConfig, ModelConfig, t
     kinds = tuple(meta["pruning"]["kinds"])
     _, world = init_distributed()
     if world != 1:
-        raise checkpointing.CheckpointError(
+        raise CheckpointError(
             f"finalize runs in a single process, not {world} (launch it without torchrun)"
         )
     par = ParallelConfig()
@@ -61,7 +66,7 @@ def load_masked_full(load: str) -> tuple[dict, dict, ModelConfig, ModelConfig, t
         list(range(source.num_layers)),
     )
     attach_mask_bank(chunk, bank)
-    checkpointing.load_model_weights([chunk], source, load)
+    load_model_weights([chunk], source, load)
     weights = {
         k: v.detach().clone()
         for k, v in chunk.state_dict().items()
@@ -78,30 +83,18 @@ def finalize_checkpoint(load: str, save: str, overwrite: bool = False) -> ModelC
         The finalised model's config (exactly the pruning target's shape).
     """
     from megashear.conversion.megatron_layout import canonical_to_megatron, megatron_to_canonical
+    from megashear.conversion.megatron_model import save_megatron_checkpoint
     from megashear.pruning.finalize import finalization_masks, finalize
 
-    if not overwrite:
-        import os
-
-        if os.path.exists(save):
-            raise checkpointing.CheckpointError(
-                f"output {save} exists (pass --overwrite to replace it)"
-            )
+    check_new_output(save, overwrite)
     weights, log_alpha, source, target, kinds = load_masked_full(load)
     masks = finalization_masks(log_alpha, source, target)
     with torch.no_grad():
         canonical = megatron_to_canonical(weights, source)
         pruned, cfg = finalize(canonical, source, masks, target)
         dense = canonical_to_megatron(pruned, cfg)
-    try:
-        checkpointing.save_megatron_checkpoint(dense, cfg, save, overwrite=overwrite)
-    except BaseException:
-        # save_megatron_checkpoint writes SAVE.tmp-save and renames it at the end: a failed
-        # save leaves no partial output
-        import shutil
-
-        shutil.rmtree(save.rstrip("/") + ".tmp-save", ignore_errors=True)
-        raise
+    # written under SAVE.tmp-save and renamed at the end: a failed save leaves no partial output
+    save_megatron_checkpoint(dense, cfg, save, overwrite=overwrite)
     logger.info(
         "finalised %s (%d params) -> %s (%d params, kinds %s)",
         load,

@@ -61,10 +61,10 @@ def shapes(args):
 
 
 def save_random_teacher(teacher_cfg, directory: str) -> None:
+    from megashear.checkpoint.model_state import save_model_checkpoint
     from megashear.config import ParallelConfig
     from megashear.models.llama import build_model, build_transformer_config
     from megashear.parallel import init_model_parallel
-    from megashear.training.checkpointing import save_model_checkpoint
 
     par = ParallelConfig()
     init_model_parallel(teacher_cfg, par)

@@ -29,9 +29,6 @@ from megashear.checkpoint.model_state import (
     loads_masks,
     model_sharded_state_dict,
 )
-
-# re-exported for tools/bench_distill_step.py until it imports megashear.checkpoint.model_state
-from megashear.checkpoint.model_state import save_model_checkpoint as save_model_checkpoint
 from megashear.checkpoint.publish import save_iteration
 
 logger = logging.getLogger(__name__)

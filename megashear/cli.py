@@ -76,12 +76,36 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
             raise ConfigError(f"config key 'model_preset': {exc}") from exc
     base = {"model": preset_model.to_dict()} if preset_model else {}
     cfg = config_io.resolve(RunConfig, args.config, args, base=base)
+    _resolve_init(cfg)
     if _fresh_resumable_start(cfg):
         logger.info("no checkpoint in %s yet: starting from scratch", cfg.checkpoint.load)
         cfg.checkpoint.load = None
-    if cfg.checkpoint.load:
-        cfg.model = _checkpoint_model(cfg.checkpoint.load, args, preset_model, str(preset))
+    if cfg.checkpoint.load or cfg.checkpoint.init:
+        shape_from = cfg.checkpoint.load or cfg.checkpoint.init
+        cfg.model = _checkpoint_model(shape_from, args, preset_model, str(preset))
     return cfg
+
+
+def _resolve_init(cfg: RunConfig) -> None:
+    """``checkpoint.init``: resume from ``checkpoint.save`` once it holds a checkpoint (``init``
+    is then dropped), else keep ``init`` for the trainer to load its weights."""
+    from megashear.checkpoint.format import TRACKER
+
+    ck = cfg.checkpoint
+    if not ck.init:
+        return
+    if ck.load:
+        raise ConfigError(
+            "give checkpoint.load (resume or start from it) or checkpoint.init (start from it "
+            "until checkpoint.save holds a checkpoint), not both"
+        )
+    if not ck.save:
+        raise ConfigError("checkpoint.init needs checkpoint.save (where a relaunch resumes from)")
+    if os.path.isfile(os.path.join(ck.save, TRACKER)):
+        logger.info("resuming from %s (checkpoint.init %s is not used)", ck.save, ck.init)
+        ck.load, ck.init = ck.save, None
+    else:
+        logger.info("no checkpoint in %s yet: starting from the weights of %s", ck.save, ck.init)
 
 
 def _fresh_resumable_start(cfg: RunConfig) -> bool:

@@ -96,6 +96,10 @@ class CheckpointConfig:
     load: str | None = None
     """Checkpoint to start from: a root (its latest iteration) or an iter_N directory (megatron
     --load); its model shape becomes model.*."""
+    init: str | None = None
+    """Initial weights (a converted or finalised model) of a run that may be relaunched: used,
+    weights only, while checkpoint.save holds no checkpoint; after that the run resumes from
+    checkpoint.save. Needs checkpoint.save; excludes checkpoint.load."""
     save_interval: int | None = None
     """Also save every this many steps (megatron --save-interval); null: only at the end."""
     keep_last: int = 2

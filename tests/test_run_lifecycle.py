@@ -256,3 +256,40 @@ def test_kill_9_of_one_rank_under_the_restart_recipe_resumes_to_the_same_losses(
     want, got = _train_losses(ref_dir), _train_losses(run_dir)
     assert sorted(got) == list(range(1, iters + 1))  # each step once: the re-run ones replaced
     assert got == want
+
+
+def test_checkpoint_init_starts_from_its_weights_then_the_same_line_resumes(tmp_path):
+    def run(*flags: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "megashear.cli", "train", "--data.synthetic=true",
+             "--logging.tensorboard=false", *flags],
+            capture_output=True, text=True, timeout=300, env=ENV,
+        )  # fmt: skip
+
+    init = run("--model_preset=tiny-gqa", "--train.train_iters=3", "--train.lr=1e-2",
+               f"--checkpoint.save={tmp_path / 'init'}", f"--logging.dir={tmp_path / 'l0'}")  # fmt: skip
+    assert init.returncode == 0, init.stderr[-2000:]
+    fresh = run("--model_preset=tiny-gqa", "--train.train_iters=1",
+                f"--logging.dir={tmp_path / 'l1'}")  # fmt: skip
+    assert fresh.returncode == 0, fresh.stderr[-2000:]
+    line = [f"--checkpoint.init={tmp_path / 'init'}", f"--checkpoint.save={tmp_path / 'run'}",
+            f"--logging.dir={tmp_path / 'log'}"]  # fmt: skip
+    first = run(*line, "--train.train_iters=2")
+    assert first.returncode == 0, first.stderr[-2000:]
+    # the weights of init (the model shape too: no preset given), not its step count or optimizer
+    first_steps = [e for e in _events(tmp_path / "log") if e["kind"] == "train"]
+    assert [e["step"] for e in first_steps] == [1, 2]
+    trained = [e for e in _events(tmp_path / "l0") if e["kind"] == "train"][-1]["loss"]
+    untrained = [e for e in _events(tmp_path / "l1") if e["kind"] == "train"][0]["loss"]
+    assert abs(first_steps[0]["loss"] - trained) < abs(first_steps[0]["loss"] - untrained)
+    again = run(*line, "--train.train_iters=4")  # the same line, later: resumes from save
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "resuming from" in again.stderr
+    assert [e["step"] for e in _events(tmp_path / "log") if e["kind"] == "train"] == [1, 2, 3, 4]
+    both = run(*line, f"--checkpoint.load={tmp_path / 'init'}")
+    assert both.returncode == 2 and "not both" in both.stderr.strip().splitlines()[-1]
+
+
+def _events(run_dir: Path) -> list[dict]:
+    path = run_dir / "events.jsonl"
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]

@@ -94,7 +94,8 @@ class Trainer:
         par: the parallel layout (dp is derived from the world size).
         train_cfg: optimisation settings.
         batches: the global-batch source (identical on every rank).
-        ckpt_cfg: checkpoint settings; ``load`` resumes, ``save`` + ``save_interval`` saves.
+        ckpt_cfg: checkpoint settings; ``load`` resumes, ``init`` (without ``load``) gives the
+            initial weights alone, ``save`` + ``save_interval`` saves.
         spec: a megatron-core layer spec, or a function of the ``TransformerConfig`` that
             returns one; ``None`` for the plain LLaMA spec.
         forward_step_func: replaces :func:`forward_step` (the pruning run adds masks).
@@ -152,6 +153,10 @@ class Trainer:
             from megashear.training.checkpointing import load_checkpoint
 
             load_checkpoint(self, self.ckpt_cfg.load)
+        elif self.ckpt_cfg.init:
+            from megashear.checkpoint.model_state import load_model_weights
+
+            load_model_weights(self.model, model_cfg, self.ckpt_cfg.init)
 
     # ---------------------------------------------------------------- construction
 

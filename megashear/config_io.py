@@ -346,6 +346,45 @@ def add_arguments(
             _add_leaves(group, tp, f"{f.name}.")
 
 
+def add_field_option(
+    parser: argparse.ArgumentParser, cls: type, key: str, *aliases: str, default: Any = None
+) -> None:
+    """A tool's option for one run-config field, under the ``megashear`` command's name.
+
+    ``key`` is the dotted field of ``cls`` (``parallel.tp``); the option is ``--parallel.tp``
+    (plus ``aliases`` such as ``--tp``), its help the field's docstring, its value parsed and
+    checked as that field's type, stored in ``args.<last part of key>``. ``default`` replaces
+    the field's own default (``None``: keep it).
+    """
+    section, _, name = key.rpartition(".")
+    owner = cls
+    for part in filter(None, section.split(".")):
+        owner = _hints(owner)[part]
+    f = next((f for f in _fields(owner) if f.name == name), None)
+    if f is None:
+        raise ValueError(f"{cls.__name__} has no field {key!r}")
+    tp = _hints(owner)[name]
+    value = _default(f) if default is None else default
+    doc = field_docs(owner).get(name, f"config field {key}")
+
+    def parse(raw: str) -> Any:
+        try:
+            return _coerce(yaml.safe_load(raw), tp, key)
+        except (ConfigError, yaml.YAMLError) as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    parse.__name__ = type_label(tp)  # argparse names the type in its error message
+    parser.add_argument(
+        f"--{key}",
+        *aliases,
+        dest=name,
+        type=parse,
+        default=value,
+        metavar=_metavar(tp),
+        help=f"{doc} ({type_label(tp)}; default: {_format_default(value)})".replace("%", "%%"),
+    )
+
+
 def _add_leaves_one(target, cls: type, f: dataclasses.Field) -> None:
     """The option of one plain top-level field of ``cls``."""
     tp = _hints(cls)[f.name]

@@ -98,6 +98,38 @@ def probe_fused_adam():
     assert fast, "slow path: megatron builds torch's single-tensor AdamW"
 
 
+def probe_wgrad_accumulation():
+    from megatron.core.tensor_parallel import layers
+
+    from megashear import platform
+
+    assert layers._grad_accum_fusion_available, (
+        "slow path: no gradient-accumulation fusion, a fresh weight gradient per linear"
+    )
+    x, g = torch.randn(6, 3), torch.randn(6, 4)  # input [s*b, in], grad_output [s*b, out]
+    main_grad = torch.ones(4, 3)
+    layers.fused_weight_gradient_mlp_cuda.wgrad_gemm_accum_fp32(x, g, main_grad)
+    assert torch.allclose(main_grad, 1 + g.t() @ x, atol=1e-6)
+    assert platform.wgrad_accumulation_fusion()
+
+
+def probe_host_allocator():
+    import resource
+
+    def faults_of_one_block() -> int:
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        block = torch.empty(64 << 20, dtype=torch.uint8)  # 64 MiB: above glibc's mmap threshold
+        block[::4096] = 1  # touch every page once
+        del block
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+    faults = min(faults_of_one_block() for _ in range(4))
+    pages = (64 << 20) // 4096
+    assert faults < pages // 4, (
+        f"slow path: a reused 64 MiB block faults {faults} of its {pages} pages"
+    )
+
+
 def main() -> None:
     skip = [s for s in sys.argv[1:] if s]
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("PROBE_PORT", "29555"))

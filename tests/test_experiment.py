@@ -22,32 +22,18 @@ pytestmark = pytest.mark.dist
 def tiny_source(d: Path) -> Path:
     """A tied GQA LlamaForCausalLM (random weights) with a byte-level BPE tokenizer of 384
     tokens trained on a little corpus text, saved as one HF directory."""
-    import lzma
-
     import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    with lzma.open(CORPUS / "wikipedia.jsonl.xz", "rt") as f:
-        text = json.loads(f.readline())["text"][:8000]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=384,
-        special_tokens=["<|endoftext|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(text.splitlines(), trainer)
+    from tests.tiny_tokenizer import save_tiny_bpe
+
     d.mkdir()
-    tok.save(str(d / "tokenizer.json"))
-    (d / "tokenizer_config.json").write_text(
-        json.dumps({"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>"})
-    )
+    save_tiny_bpe(d, 384, ["<|endoftext|>"])
+    vocab = Tokenizer.from_file(str(d / "tokenizer.json")).get_vocab_size()
     torch.manual_seed(0)
     cfg = LlamaConfig(
-        vocab_size=tok.get_vocab_size(),
+        vocab_size=vocab,
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=4,

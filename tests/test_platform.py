@@ -15,7 +15,7 @@ from megashear import platform
 
 PROBE = Path(__file__).with_name("platform_probe.py")
 PATCHES = [p.name for p in platform.PATCHES]
-SPEED_PATCHES = {"foreach_grad_norm", "fused_adam"}
+SPEED_PATCHES = {"foreach_grad_norm", "fused_adam", "wgrad_accumulation", "host_allocator"}
 PROCESS_PATCHES = {"checkpoint_writer"}
 
 

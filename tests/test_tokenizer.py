@@ -44,25 +44,9 @@ def corpus_docs(domain: str, max_bytes: int) -> list[str]:
 def hf_dir(tmp_path_factory) -> Path:
     """A tiny byte-level BPE tokenizer.json (``<|endoftext|>`` id 0, ``<|begin|>`` id 1) with a
     tokenizer_config.json naming the EOS, trained on a few KB of the wikipedia domain."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tests.tiny_tokenizer import save_tiny_bpe
 
-    text = corpus_docs("wikipedia", 1)[0][:8000]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400,
-        special_tokens=["<|endoftext|>", "<|begin|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(text.splitlines(), trainer)
-    d = tmp_path_factory.mktemp("hf_tok")
-    tok.save(str(d / "tokenizer.json"))
-    (d / "tokenizer_config.json").write_text(
-        json.dumps({"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>"})
-    )
-    return d
+    return save_tiny_bpe(tmp_path_factory.mktemp("hf_tok"), 400, ["<|endoftext|>", "<|begin|>"])
 
 
 def variant(src: Path, dst: Path, config: dict | None, special: dict | None = None) -> Path:

@@ -89,11 +89,14 @@ def same_tensors(a_dir: str, b_dir: str) -> bool:
 
 
 def main() -> None:
+    from megashear.config import RunConfig
+    from megashear.config_io import add_field_option
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="llama2-7b")
     parser.add_argument("--num-layers", type=int, help="fewer layers (quick runs)")
-    parser.add_argument("--tp", type=int, default=2)
-    parser.add_argument("--pp", type=int, default=2)
+    add_field_option(parser, RunConfig, "parallel.tp", "--tp", default=2)
+    add_field_option(parser, RunConfig, "parallel.pp", "--pp", default=2)
     parser.add_argument("--workdir", default="/tmp/megashear-bench-convert")
     parser.add_argument("--keep", action="store_true", help="keep the converted outputs")
     args = parser.parse_args()

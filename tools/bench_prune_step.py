@@ -3,7 +3,7 @@
 
 Steps alternate between the plain trainer and the pruning trainer (masks on head,
 intermediate, layer and hidden, toward half of every dimension) so that machine noise hits both
-alike. Prints the median step times, their ratio (goal <= 1.10) and the mask overhead in memory
+alike. Prints the median step times, their ratio (goal <= 1.05) and the mask overhead in memory
 (log alpha, its gradient and Adam state, and one forward's sampled masks).
 
     python tools/bench_prune_step.py [--layers 8 --hidden 512 --seq 256 --batch 4 --steps 5]
@@ -16,7 +16,6 @@ of the FFN (``smollm2-135m``: 15 layers x 384, 6 heads in 2 groups, FFN 1024).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import logging
 import statistics
@@ -24,29 +23,19 @@ import time
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--hidden", type=int, default=512)
-    parser.add_argument("--heads", type=int, default=8)
-    parser.add_argument("--ffn", type=int, default=1376)
-    parser.add_argument("--vocab", type=int, default=8000)
-    parser.add_argument("--seq", type=int, default=256)
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--preset", default=None, help="a model preset instead of the shape flags")
+    from bench_train_step import model_config, shape_parser  # tools/ is sys.path[0]
+
+    parser = shape_parser(__doc__.splitlines()[0])
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
     from megashear.config import ParallelConfig, PruningConfig, TrainConfig
-    from megashear.model_config import ModelConfig
     from megashear.training.batches import SyntheticBatches
     from megashear.training.pruning_trainer import PruningTrainer
     from megashear.training.trainer import Trainer
 
+    cfg = model_config(args)
     if args.preset:
-        from megashear.model_config import get_preset
-
-        cfg = dataclasses.replace(get_preset(args.preset), seq_length=args.seq)
         groups = max(1, cfg.num_query_groups * 2 // 3)
         heads = groups * (cfg.num_attention_heads // cfg.num_query_groups)
         target = dataclasses.replace(
@@ -59,17 +48,13 @@ def main() -> None:
             kv_channels=cfg.head_dim,
         )
     else:
-        cfg = ModelConfig(
-            args.layers, args.hidden, args.heads, args.heads, args.ffn, args.vocab,
-            seq_length=args.seq,
-        )  # fmt: skip
         target = dataclasses.replace(
             cfg,
-            num_layers=args.layers // 2,
-            hidden_size=args.hidden // 2,
-            num_attention_heads=args.heads // 2,
-            num_query_groups=args.heads // 2,
-            ffn_hidden_size=args.ffn // 2,
+            num_layers=cfg.num_layers // 2,
+            hidden_size=cfg.hidden_size // 2,
+            num_attention_heads=cfg.num_attention_heads // 2,
+            num_query_groups=cfg.num_attention_heads // 2,
+            ffn_hidden_size=cfg.ffn_hidden_size // 2,
             kv_channels=cfg.head_dim,
         )
     train = TrainConfig(
@@ -78,14 +63,14 @@ def main() -> None:
         train_iters=10**6,
         lr_warmup_iters=0,
     )
-    plain = Trainer(cfg, ParallelConfig(), train, SyntheticBatches(cfg.vocab_size, args.seq))
+    plain = Trainer(cfg, ParallelConfig(), train, SyntheticBatches(cfg.vocab_size, args.seq_length))
     pruning = PruningTrainer(
         cfg,
         target,
         PruningConfig(lagrangian_warmup_steps=10),
         ParallelConfig(),
         train,
-        SyntheticBatches(cfg.vocab_size, args.seq),
+        SyntheticBatches(cfg.vocab_size, args.seq_length),
     )
 
     def timed(trainer) -> float:
@@ -108,16 +93,22 @@ def main() -> None:
     print(
         f"shape: {args.preset or 'custom'}, {model_params / 1e6:.1f}M params, "
         f"{cfg.num_layers} layers x {cfg.hidden_size} hidden, "
-        f"batch {args.batch} x {args.seq} tokens, fp32, TP1PP1"
+        f"batch {args.batch} x {args.seq_length} tokens, fp32, TP1PP1"
     )
     print(f"plain training step   : {p:.3f} s")
     print(f"pruning step (masked) : {q:.3f} s")
-    print(f"ratio pruning/plain   : {q / p:.3f}  (goal <= 1.10)")
+    print(f"ratio pruning/plain   : {q / p:.3f}  (goal <= 1.05)")
     print(
         f"mask parameters       : {mask_params} ({100 * mask_params / model_params:.3f}% of the "
         f"model); memory {mask_bytes / 2**20:.2f} MiB "
         f"(log alpha, grad, Adam state, sampled z)"
     )
+    if args.profile:
+        from bench_train_step import profile_summary  # tools/ is this script's sys.path[0]
+
+        for name, trainer in (("plain", plain), ("pruning", pruning)):
+            print(f"\nprofile of one {name} step (self CPU time):")
+            print(profile_summary(lambda trainer=trainer: trainer.train_step(), rows=15))
 
 
 if __name__ == "__main__":

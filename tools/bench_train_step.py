@@ -53,44 +53,60 @@ def profile_summary(step, rows: int = 10) -> str:
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--hidden", type=int, default=512)
-    parser.add_argument("--heads", type=int, default=8)
-    parser.add_argument("--ffn", type=int, default=1376)
-    parser.add_argument("--vocab", type=int, default=8000)
-    parser.add_argument("--seq", type=int, default=256)
+def shape_parser(description: str) -> argparse.ArgumentParser:
+    """The step benchmarks' options: the model shape (the ``megashear`` command's
+    ``model.*`` names, with this script's short aliases), batch, steps, preset, profile."""
+    from megashear.config import RunConfig
+    from megashear.config_io import add_field_option
+
+    parser = argparse.ArgumentParser(description=description)
+    for key, alias, default in (
+        ("model.num_layers", "--layers", 8),
+        ("model.hidden_size", "--hidden", 512),
+        ("model.num_attention_heads", "--heads", 8),
+        ("model.ffn_hidden_size", "--ffn", 1376),
+        ("model.vocab_size", "--vocab", 8000),
+        ("model.seq_length", "--seq", 256),
+    ):
+        add_field_option(parser, RunConfig, key, alias, default=default)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--preset", default=None, help="a model preset instead of the shape flags")
     parser.add_argument("--profile", action="store_true", help="per-op summary of one step each")
+    return parser
+
+
+def model_config(args: argparse.Namespace):
+    """The benchmarked shape: ``--preset`` at ``--seq``, else the MHA shape of the flags."""
+    import dataclasses
+
+    from megashear.model_config import ModelConfig, get_preset
+
+    if args.preset:
+        return dataclasses.replace(get_preset(args.preset), seq_length=args.seq_length)
+    return ModelConfig(
+        args.num_layers,
+        args.hidden_size,
+        args.num_attention_heads,
+        args.num_attention_heads,
+        args.ffn_hidden_size,
+        args.vocab_size,
+        seq_length=args.seq_length,
+    )
+
+
+def main() -> None:
+    parser = shape_parser(__doc__.splitlines()[0])
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from megashear.config import ParallelConfig, TrainConfig
-    from megashear.model_config import ModelConfig
     from megashear.training.batches import SyntheticBatches
     from megashear.training.trainer import Trainer
 
-    if args.preset:
-        import dataclasses
-
-        from megashear.model_config import get_preset
-
-        cfg = dataclasses.replace(get_preset(args.preset), seq_length=args.seq)
-    else:
-        cfg = ModelConfig(
-            args.layers,
-            args.hidden,
-            args.heads,
-            args.heads,
-            args.ffn,
-            args.vocab,
-            seq_length=args.seq,
-        )
+    cfg = model_config(args)
     train = TrainConfig(
         micro_batch_size=args.batch,
         global_batch_size=args.batch,
@@ -98,7 +114,9 @@ def main() -> None:
         lr_warmup_iters=0,
         clip_grad=1.0,
     )
-    trainer = Trainer(cfg, ParallelConfig(), train, SyntheticBatches(cfg.vocab_size, args.seq))
+    trainer = Trainer(
+        cfg, ParallelConfig(), train, SyntheticBatches(cfg.vocab_size, args.seq_length)
+    )
 
     hf = LlamaForCausalLM(
         LlamaConfig(
@@ -109,7 +127,7 @@ def main() -> None:
             num_attention_heads=cfg.num_attention_heads,
             num_key_value_heads=cfg.num_query_groups,
             head_dim=cfg.kv_channels or cfg.hidden_size // cfg.num_attention_heads,
-            max_position_embeddings=args.seq,
+            max_position_embeddings=args.seq_length,
             rms_norm_eps=cfg.norm_epsilon,
             rope_theta=cfg.rotary_base,
             tie_word_embeddings=cfg.tie_word_embeddings,
@@ -117,7 +135,7 @@ def main() -> None:
         )
     )
     opt = torch.optim.AdamW(hf.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1)
-    batch = SyntheticBatches(cfg.vocab_size, args.seq, seed=1).next_global_batch(args.batch)
+    batch = SyntheticBatches(cfg.vocab_size, args.seq_length, seed=1).next_global_batch(args.batch)
 
     def hf_step() -> float:
         t = time.perf_counter()
@@ -144,12 +162,12 @@ def main() -> None:
         hf_times.append(hf_step())
     ms, hft = statistics.median(ms_times), statistics.median(hf_times)
     peak = matmul_peak()
-    flops = step_flops(cfg, args.batch * args.seq)
+    flops = step_flops(cfg, args.batch * args.seq_length)
     print(
         f"shape: {args.preset or 'custom'}, {cfg.num_parameters() / 1e6:.1f}M params, "
         f"{cfg.num_layers} layers x {cfg.hidden_size} hidden, {cfg.num_attention_heads} heads / "
         f"{cfg.num_query_groups} groups, vocab {cfg.vocab_size}"
-        f"{' (tied)' if cfg.tie_word_embeddings else ''}, batch {args.batch} x {args.seq} tokens, "
+        f"{' (tied)' if cfg.tie_word_embeddings else ''}, batch {args.batch} x {args.seq_length} tokens, "
         f"fp32, {torch.get_num_threads()} threads"
     )
     print(f"megashear TP1PP1 step      : {ms:.3f} s  ({flops / ms / 1e9:.1f} GFLOP/s)")

@@ -2,12 +2,13 @@
 """Checkpoint conversion between Hugging Face LLaMA and megatron-core distributed checkpoints.
 
     python tools/convert_checkpoint.py hf-to-megatron --load HF_DIR --save MEGATRON_DIR \\
-        [--tp N --pp M] [--dtype fp32|bf16|fp16] [--overwrite]
+        [--parallel.tp N --parallel.pp M] [--dtype fp32|bf16|fp16] [--overwrite]
     python tools/convert_checkpoint.py megatron-to-hf --load MEGATRON_DIR --save HF_DIR \\
         [--tokenizer tokenizer.model|tokenizer.json|HF_DIR] [--dtype ...] [--overwrite]
     python tools/convert_checkpoint.py meta-to-megatron --load META_DIR --save MEGATRON_DIR \\
-        [--tp N --pp M]
-    python tools/convert_checkpoint.py reshard --load MEGATRON_DIR --save OUT [--tp N --pp M]
+        [--parallel.tp N --parallel.pp M]
+    python tools/convert_checkpoint.py reshard --load MEGATRON_DIR --save OUT \\
+        [--parallel.tp N --parallel.pp M]
 
 Conversion streams: no model is built and memory holds about one layer (plus one tensor being
 written), whatever the model size. Reading HF checks every key and shape before any output is
@@ -15,8 +16,8 @@ written; megatron checkpoints are read one layer at a time through megatron-core
 dist_checkpointing and written through PyTorch DCP with each chunk produced on demand.
 
 megashear's checkpoints store every tensor by its global shape (megatron-core
-dist_checkpointing), so one checkpoint loads at any TP/PP layout. ``--tp/--pp`` are checked
-against the model (heads, groups, FFN and vocab divisible by TP; layers by PP), the chunks on
+dist_checkpointing), so one checkpoint loads at any TP/PP layout. ``--parallel.tp/--parallel.pp``
+(the ``megashear`` command's names; short ``--tp/--pp``) are checked against the model (heads, groups, FFN and vocab divisible by TP; layers by PP), the chunks on
 disk are cut the way those TP ranks hold them, and the layout is recorded; ``reshard`` rewrites
 a checkpoint for another layout. The stored dtype is the source's unless ``--dtype`` is given.
 Hugging Face configs are read strictly (tied embeddings, ``rope_theta`` or ``rope_parameters``,
@@ -140,6 +141,8 @@ def reshard(args) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     from megashear.cli import OneLineArgumentParser
+    from megashear.config import RunConfig
+    from megashear.config_io import add_field_option
 
     parser = OneLineArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -150,8 +153,8 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--overwrite", action="store_true")
         p.add_argument("--dtype", choices=sorted(DTYPES))
         if name != "megatron-to-hf":
-            p.add_argument("--tp", type=int, default=1)
-            p.add_argument("--pp", type=int, default=1)
+            add_field_option(p, RunConfig, "parallel.tp", "--tp")
+            add_field_option(p, RunConfig, "parallel.pp", "--pp")
         else:
             p.add_argument(
                 "--tokenizer",

@@ -4,7 +4,7 @@
     python tools/one_shot_prune.py --load CKPT --save OUT \\
         [--target-num-layers L] [--target-hidden-size H] [--target-num-attention-heads A] \\
         [--target-num-query-groups G] [--target-ffn-hidden-size F] \\
-        [--tp N --pp M] [--dtype fp32|bf16|fp16] [--overwrite]
+        [--parallel.tp N --parallel.pp M] [--dtype fp32|bf16|fp16] [--overwrite]
 
 Every layer keeps its first G key/value groups with their first A/G query heads, the model its
 first H hidden channels, every layer its first F FFN units, and the first L layers are kept
@@ -14,8 +14,8 @@ Unset target fields keep the source's size; the head dim, vocabulary and RoPE ar
 
 The source is read one layer at a time (``CheckpointReader``; layers that are cut are never
 read) and the result is written through ``write_checkpoint`` under a temporary name renamed at the
-end, chunked for ``--tp/--pp`` (any layout loads it). It is a plain model checkpoint:
-``megashear train --checkpoint.load=OUT`` continues it. Bad input gives a one-line error, exit
+end, chunked for ``--parallel.tp/--parallel.pp`` (short: ``--tp/--pp``; any layout loads it). It
+is a plain model checkpoint: ``megashear train --checkpoint.load=OUT`` continues it. Bad input gives a one-line error, exit
 code 2, and no output; an existing ``--save`` needs ``--overwrite``. Prints one JSON line.
 """
 
@@ -97,14 +97,16 @@ def one_shot(args) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     from megashear.cli import OneLineArgumentParser
+    from megashear.config import RunConfig
+    from megashear.config_io import add_field_option
 
     parser = OneLineArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--load", required=True, help="a megashear model checkpoint")
     parser.add_argument("--save", required=True)
     for field in TARGET_FIELDS:
         parser.add_argument(f"--target-{field.replace('_', '-')}", type=int, default=None)
-    parser.add_argument("--tp", type=int, default=1)
-    parser.add_argument("--pp", type=int, default=1)
+    add_field_option(parser, RunConfig, "parallel.tp", "--tp")
+    add_field_option(parser, RunConfig, "parallel.pp", "--pp")
     parser.add_argument("--dtype", choices=sorted(DTYPES))
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)

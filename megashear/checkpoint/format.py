@@ -69,18 +69,29 @@ def resolve(root: str) -> str:
     return iteration_dir(root, read_tracker(root))
 
 
+def read_json_object(path: str, error: type[Exception]) -> dict:
+    """The JSON object in the file ``path``; ``error`` (one line naming the file) when the file
+    is missing, is not UTF-8 JSON, or holds something other than an object."""
+    if not os.path.isfile(path):
+        raise error(f"{path} does not exist")
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise error(f"{path} is not valid JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise error(f"{path} does not hold a JSON object")
+    return value
+
+
 def read_meta(ckpt_dir: str) -> dict:
     """The ``megashear.json`` of the checkpoint directory ``ckpt_dir``, checked to describe a
     model."""
     path = os.path.join(ckpt_dir, META)
     if not os.path.isfile(path):
         raise CheckpointError(f"{ckpt_dir} is not a megashear checkpoint ({META} missing)")
-    try:
-        with open(path, encoding="utf-8") as f:
-            meta = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{path} is not valid JSON ({exc})") from None
-    if not isinstance(meta, dict) or not isinstance(meta.get("model"), dict):
+    meta = read_json_object(path, CheckpointError)
+    if not isinstance(meta.get("model"), dict):
         raise CheckpointError(f"{path} does not describe a model (no 'model' mapping)")
     return meta
 

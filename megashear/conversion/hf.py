@@ -20,6 +20,7 @@ from collections.abc import Callable
 
 import torch
 
+from megashear.checkpoint.format import read_json_object
 from megashear.checkpoint.publish import publish_dir
 from megashear.conversion.safetensors_io import TensorInfo, read_header, read_tensor, write_file
 from megashear.layout import canonical_order, canonical_shapes
@@ -136,15 +137,7 @@ def config_from_hf(path: str) -> ModelConfig:
     :class:`ConversionError`, so that no config converts silently into a different model.
     """
     cfg_path = os.path.join(path, "config.json")
-    if not os.path.isfile(cfg_path):
-        raise ConversionError(f"{cfg_path} does not exist")
-    try:
-        with open(cfg_path, encoding="utf-8") as f:
-            c = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ConversionError(f"{cfg_path} is not valid JSON ({exc})") from None
-    if not isinstance(c, dict):
-        raise ConversionError(f"{cfg_path} does not hold a JSON object")
+    c = read_json_object(cfg_path, ConversionError)
     if c.get("model_type") != "llama":
         raise ConversionError(f"{cfg_path}: model_type {c.get('model_type')!r} is not 'llama'")
     unknown = sorted(set(c) - MODEL_KEYS - IGNORED_KEYS)

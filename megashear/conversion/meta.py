@@ -18,6 +18,7 @@ import os
 
 import torch
 
+from megashear.checkpoint.format import read_json_object
 from megashear.layout import canonical_shapes
 from megashear.model_config import ModelConfig
 
@@ -97,15 +98,7 @@ class MetaReader:
         from megashear.conversion.hf import ConversionError, load_torch_file
 
         params_path = os.path.join(path, "params.json")
-        if not os.path.isfile(params_path):
-            raise ConversionError(f"{params_path} does not exist")
-        try:
-            with open(params_path, encoding="utf-8") as f:
-                p = json.load(f)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ConversionError(f"{params_path} is not valid JSON ({exc})") from None
-        if not isinstance(p, dict):
-            raise ConversionError(f"{params_path} does not hold a JSON object")
+        p = read_json_object(params_path, ConversionError)
         unknown = sorted(set(p) - PARAMS_KEYS)
         if unknown:
             raise ConversionError(

@@ -125,7 +125,7 @@ def build_transformer_config(
         apply_rope_fusion=False,
         masked_softmax_fusion=False,
         persist_layer_norm=False,
-        gradient_accumulation_fusion=False,
+        gradient_accumulation_fusion=platform.wgrad_accumulation_fusion(),
         deallocate_pipeline_outputs=True,
     )
 

@@ -28,6 +28,7 @@ from megashear.config import (
     TrainConfig,
 )
 from megashear.model_config import ModelConfig
+from megashear.models import mask_collectives
 from megashear.models.masked import MaskBank, attach_mask_bank, masked_block_spec
 from megashear.pruning import hard_concrete as hc
 from megashear.pruning.lagrangian import Lagrangian, expected_num_parameters
@@ -46,16 +47,6 @@ def masked_forward_step(data_iterator, model):
     if model.training:
         bank.sample(int(batch["iteration"]), int(batch["microbatch"]))
     return forward_batch(batch, model)
-
-
-def _gather_rows(local: torch.Tensor, group) -> torch.Tensor:
-    """Concatenate ``[Ll, ...]`` tensors of every rank of ``group`` along dim 0 (detached)."""
-    world = dist.get_world_size(group)
-    if world == 1:
-        return local.detach()
-    parts = [torch.empty_like(local) for _ in range(world)]
-    dist.all_gather(parts, local.detach().contiguous(), group=group)
-    return torch.cat(parts, dim=0)
 
 
 class PruningTrainer(Trainer):
@@ -153,41 +144,8 @@ class PruningTrainer(Trainer):
     # ---------------------------------------------------------------- expected sparsity
 
     def expected_sparsity(self) -> dict[str, torch.Tensor]:
-        """Global expected sparsity per kind; gradients reach only this rank's own log α.
-
-        ``head`` and ``intermediate`` are per-layer vectors ``[L]``; the others are scalars.
-        """
-        from megatron.core import parallel_state as ps
-
-        bank = self.banks[0]
-        tp_group = ps.get_tensor_model_parallel_group()
-        pp_group = ps.get_pipeline_model_parallel_group()
-        first_stage = ps.get_pipeline_model_parallel_rank() == 0
-        out = {}
-        for kind in self.kinds:
-            keep = hc.keep_probability(bank.log_alpha(kind))
-            if kind == "hidden":
-                kept = keep.sum()
-                if not first_stage:
-                    kept = kept.detach()  # its Lagrangian gradient is counted on stage 0 only
-                out[kind] = 1 - kept / bank.full[kind]
-                continue
-            if kind in ("head", "intermediate"):
-                kept = keep.sum(dim=1)  # [Ll], this rank's share of each layer
-                total = kept.detach().clone()
-                dist.all_reduce(total, group=tp_group)
-                kept = kept + (total - kept.detach())  # value: all TP ranks; grad: own share
-            else:
-                kept = keep  # [Ll]
-            rows = _gather_rows(kept, pp_group)  # [L], detached
-            rank = ps.get_pipeline_model_parallel_rank()
-            n = kept.shape[0]
-            full = torch.cat([rows[: rank * n], kept, rows[(rank + 1) * n :]])  # live local rows
-            if kind in ("head", "intermediate"):
-                out[kind] = 1 - full / bank.full[kind]
-            else:
-                out[kind] = 1 - full.sum() / self.model_cfg.num_layers
-        return out
+        """Global expected sparsity per kind (see :mod:`megashear.models.mask_collectives`)."""
+        return mask_collectives.expected_sparsity(self.banks[0])
 
     # ---------------------------------------------------------------- stepping
 
@@ -246,29 +204,8 @@ class PruningTrainer(Trainer):
     # ---------------------------------------------------------------- deterministic masks
 
     def gather_full(self, getter) -> dict[str, torch.Tensor]:
-        """Full (unsharded) per-kind tensors on every rank from this rank's local ones.
-
-        ``getter(bank, kind)`` returns the local tensor (log α, its gradient, the current z):
-        ``hidden [h]``, ``head [Ll, a/tp]``, ``intermediate [Ll, f/tp]``, others ``[Ll]``. The
-        result is ``hidden [h]``, ``head [L, a]``, ``intermediate [L, f]``, others ``[L]``.
-        """
-        from megatron.core import parallel_state as ps
-
-        bank = self.banks[0]
-        tp_group = ps.get_tensor_model_parallel_group()
-        pp_group = ps.get_pipeline_model_parallel_group()
-        full = {}
-        for kind in self.kinds:
-            local = getter(bank, kind).detach().float()
-            if kind == "hidden":
-                full[kind] = local.clone()
-                continue
-            if kind in ("head", "intermediate") and ps.get_tensor_model_parallel_world_size() > 1:
-                parts = [torch.empty_like(local) for _ in range(dist.get_world_size(tp_group))]
-                dist.all_gather(parts, local.contiguous(), group=tp_group)
-                local = torch.cat(parts, dim=1)
-            full[kind] = _gather_rows(local, pp_group)
-        return full
+        """Full per-kind tensors on every rank (see :mod:`megashear.models.mask_collectives`)."""
+        return mask_collectives.gather_full(self.banks[0], getter)
 
     def gather_log_alpha(self) -> dict[str, torch.Tensor]:
         """Full log α per kind, on every rank."""

@@ -293,7 +293,8 @@ def cmd_train(cfg: RunConfig) -> int | None:
 
 
 def _interrupted(trainer, cfg: RunConfig) -> int | None:
-    """``128 + signal`` when a signal stopped the run (its checkpoint is saved), else None."""
+    """``train.signal_exit_code`` when a signal stopped the run (its checkpoint is saved), else
+    None."""
     if not trainer.exit_signal:
         return None
     import signal
@@ -305,7 +306,7 @@ def _interrupted(trainer, cfg: RunConfig) -> int | None:
             f"{trainer.iteration} ({where})",
             file=sys.stderr,
         )
-    return 128 + trainer.exit_signal
+    return cfg.train.signal_exit_code
 
 
 def pruning_target(cfg: RunConfig):
@@ -492,6 +493,11 @@ def main(argv: list[str] | None = None) -> int:
         remove_failed_start(new_dirs)
         print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
+    except OSError as exc:  # e.g. a read-only or full disk under logging.dir
+        remove_failed_start(new_dirs)
+        where = f" {exc.filename}" if exc.filename else ""
+        print(f"error: cannot write{where}: {exc.strerror or one_line(exc)}", file=sys.stderr)
+        return 1
     except NonFiniteLossError as exc:
         # the run diverged: nothing was saved after the last good checkpoint
         print(f"error: {one_line(exc)}", file=sys.stderr)

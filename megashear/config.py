@@ -85,6 +85,10 @@ class TrainConfig:
     log_interval: int = 1
     """Print a loss / lr / grad-norm / tokens-per-s line every this many steps (megatron
     --log-interval)."""
+    signal_exit_code: int = 0
+    """Exit code after SIGTERM / SIGINT stopped the run at a step boundary and its checkpoint
+    was saved: 0, as megatron's --exit-signal-handler (the job ended cleanly; the same command
+    resumes), or e.g. 143 (128 + SIGTERM) for a scheduler that requeues failed jobs."""
 
 
 @dataclass

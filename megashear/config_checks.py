@@ -77,6 +77,8 @@ def check_run_config(cfg: RunConfig, command: str, cuda: bool) -> None:
     for key in _FINITE_FLOATS:
         if not math.isfinite(_get(cfg, key)):
             fail(key, _get(cfg, key), "must be finite")
+    if not 0 <= cfg.train.signal_exit_code <= 255:
+        fail("train.signal_exit_code", cfg.train.signal_exit_code, "must be an exit code, 0-255")
     if cfg.train.min_lr > cfg.train.lr and command in ("train", "prune"):
         fail("train.min_lr", cfg.train.min_lr, f"must not exceed train.lr = {cfg.train.lr}")
     if command == "prune" and cfg.parallel.sequence_parallel:

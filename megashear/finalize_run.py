@@ -1,100 +1,111 @@
 """``megashear finalize``: a masked (pruning) checkpoint -> a dense checkpoint of the target shape.
 
-Steps, in one process (the checkpoint may have been saved at any TP/PP layout):
+Streamed, like conversion, so that memory holds about one source layer (a LLaMA2-7B layer is
+0.4 GB in bf16) instead of the model (27 GB of fp32 at 7B):
 
-1. build the masked model of the source shape at TP1PP1 and load the checkpoint's weights and
-   log α;
+1. the checkpoint's log α (``mask_bank.<kind>_log_alpha``, full tensors) and its source and
+   target shapes (``megashear.json``) are read; no model is built, so the checkpoint may have
+   been saved at any TP/PP layout, and TransformerEngine being installed or not changes nothing;
 2. deterministic masks at exactly the target sizes
    (:func:`megashear.pruning.finalize.finalization_masks`: per-layer top-k, GQA group-wise,
-   layer kinds jointly);
-3. megatron weights -> canonical weights -> :func:`megashear.pruning.finalize.finalize` (soft
-   values folded into the consuming weights, physical slicing, layers renumbered) -> megatron;
-4. a plain model-only megatron-core checkpoint of the target config, loadable at any TP/PP.
+   layer kinds jointly) and the plan they imply
+   (:func:`megashear.pruning.finalize.plan_finalization`);
+3. :func:`megashear.conversion.dist_stream.write_checkpoint` asks for the finalised tensors
+   layer by layer; the first request of finalised layer ``j`` reads its source layer
+   ``plan.layers[j]`` (:class:`~megashear.conversion.dist_stream.CheckpointReader`), cuts it to
+   canonical tensors and finalises it (:func:`megashear.pruning.finalize.finalize_layer`: soft
+   values folded into the consuming weights, physical slicing); pruned source layers are never
+   read;
+4. the result is a plain model-only checkpoint of the target config in the source's stored
+   dtype, loadable at any TP/PP, written under a temporary name and renamed at the end.
 
-The whole model is held in memory once (fp32 on CPU), which suits the CPU-scale runs; a 7B
-source needs about 27 GB.
-
-It stands above both training and conversion (it joins the masked model, the pruning
-finalisation and conversion's megatron layout), so that neither of those imports the other.
+It stands above both training and conversion (it joins the pruning finalisation and
+conversion's megatron layout and streaming), so that neither of those imports the other.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 
-from megashear.checkpoint.format import CheckpointError, read_meta, resolve
-from megashear.checkpoint.model_state import load_model_weights
+from megashear.checkpoint.format import CheckpointError
 from megashear.checkpoint.publish import check_new_output
 from megashear.model_config import ModelConfig
 
 logger = logging.getLogger(__name__)
 
 
-def load_masked_full(load: str) -> tuple[dict, dict, ModelConfig, ModelConfig, tuple[str, ...]]:
-    """Full megatron weights, full log α, source and target configs, and the pruned kinds."""
-    from megashear.config import ParallelConfig
-    from megashear.models.llama import build_model, build_transformer_config
-    from megashear.models.masked import MaskBank, attach_mask_bank, masked_block_spec
-    from megashear.parallel import init_distributed, init_model_parallel
-
-    ckpt_dir = resolve(load)
-    meta = read_meta(ckpt_dir)
-    if "pruning" not in meta:
-        raise CheckpointError(
-            f"{ckpt_dir} is not a pruning checkpoint (no mask settings in megashear.json)"
-        )
-    source = ModelConfig.from_dict(meta["model"])
-    target = ModelConfig.from_dict(meta["pruning"]["target"])
-    kinds = tuple(meta["pruning"]["kinds"])
-    _, world = init_distributed()
-    if world != 1:
-        raise CheckpointError(
-            f"finalize runs in a single process, not {world} (launch it without torchrun)"
-        )
-    par = ParallelConfig()
-    init_model_parallel(source, par)
-    tconfig = build_transformer_config(source, par)
-    chunk = build_model(source, tconfig, masked_block_spec(tconfig, source.head_dim))[0]
-    bank = MaskBank(
-        kinds,
-        source.hidden_size,
-        source.num_attention_heads,
-        source.ffn_hidden_size,
-        source.num_layers,
-        list(range(source.num_layers)),
-    )
-    attach_mask_bank(chunk, bank)
-    load_model_weights([chunk], source, load)
-    weights = {
-        k: v.detach().clone()
-        for k, v in chunk.state_dict().items()
-        if not k.endswith("_extra_state") and not k.startswith("mask_bank.")
-    }
-    log_alpha = {kind: bank.log_alpha(kind).detach().clone() for kind in kinds}
-    return weights, log_alpha, source, target, kinds
-
-
-def finalize_checkpoint(load: str, save: str, overwrite: bool = False) -> ModelConfig:
+def finalize_checkpoint(
+    load: str, save: str, overwrite: bool = False, progress: bool = False
+) -> ModelConfig:
     """Finalise the pruning checkpoint ``load`` into a dense checkpoint at ``save``.
 
     Returns:
         The finalised model's config (exactly the pruning target's shape).
+
+    Raises:
+        CheckpointError: ``load`` is missing, damaged or not a pruning checkpoint, or ``save``
+            exists without ``overwrite``.
     """
-    from megashear.conversion.megatron_layout import canonical_to_megatron, megatron_to_canonical
-    from megashear.conversion.megatron_model import save_megatron_checkpoint
-    from megashear.pruning.finalize import finalization_masks, finalize
+    from megashear.conversion.dist_stream import CheckpointReader, write_checkpoint
+    from megashear.conversion.megatron_layout import canonical_tensor, megatron_tensor
+    from megashear.layout import layer_key, split_key
+    from megashear.pruning.finalize import (
+        finalization_masks,
+        finalize_global,
+        finalize_layer_weight,
+        plan_finalization,
+    )
 
     check_new_output(save, overwrite)
-    weights, log_alpha, source, target, kinds = load_masked_full(load)
-    masks = finalization_masks(log_alpha, source, target)
-    with torch.no_grad():
-        canonical = megatron_to_canonical(weights, source)
-        pruned, cfg = finalize(canonical, source, masks, target)
-        dense = canonical_to_megatron(pruned, cfg)
-    # written under SAVE.tmp-save and renamed at the end: a failed save leaves no partial output
-    save_megatron_checkpoint(dense, cfg, save, overwrite=overwrite)
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # no process group: the files are read as such
+    if world != 1:
+        raise CheckpointError(
+            f"finalize runs in a single process, not {world} (launch it without torchrun)"
+        )
+    reader = CheckpointReader(load, masked=True)
+    source = reader.cfg
+    target = ModelConfig.from_dict(reader.meta["pruning"]["target"])
+    kinds = tuple(reader.meta["pruning"]["kinds"])
+    log_alpha = reader.mask_parameters()
+    if set(log_alpha) != set(kinds):
+        raise CheckpointError(
+            f"{reader.dir} holds log α for {sorted(log_alpha)}, its settings name {sorted(kinds)}"
+        )
+    try:
+        plan = plan_finalization(source, finalization_masks(log_alpha, source, target), target)
+    except ValueError as exc:
+        raise CheckpointError(f"{reader.dir} cannot be finalised: {exc}") from None
+    cfg = plan.config
+
+    def source_tensor(key: str) -> torch.Tensor:  # canonical key of the source
+        return canonical_tensor(key, reader, source)
+
+    def finalised(key: str) -> torch.Tensor:  # canonical key of the finalised model
+        new, k = split_key(key)
+        if new is None:
+            return finalize_global(plan, key, source_tensor)
+        src = plan.layers[new]
+        return finalize_layer_weight(plan, new, k, lambda k2: source_tensor(layer_key(src, k2)))
+
+    # the source tensors in the order the writer will need them: kept layers, then the rest
+    layer_names = [sk.name for sk in reader.keys if sk.per_layer]
+    others = [sk.name for sk in reader.keys if not sk.per_layer]
+    reader.prefetch([n.format(src) for src in plan.layers for n in layer_names] + others)
+    try:
+        with torch.no_grad():
+            write_checkpoint(
+                save,
+                cfg,
+                lambda name: megatron_tensor(name, finalised, cfg),
+                dtype=reader.stored_dtype,
+                overwrite=overwrite,
+                progress=progress,
+            )
+    finally:
+        reader.close()
     logger.info(
         "finalised %s (%d params) -> %s (%d params, kinds %s)",
         load,

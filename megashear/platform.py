@@ -33,10 +33,11 @@ patches, each a few lines, each recorded in :data:`PATCHES` with the failure it 
     the calling process, one after the other, into a plain in-process queue: no child process
     exists to outlive its parent. The checkpoint files are byte-for-byte the same.
 
-Four more patches are for speed, not correctness. Three replace megatron-core's fallbacks
+Five more patches are for speed, not correctness. Four replace megatron-core's fallbacks
 without TE or apex: a per-tensor Python loop for the gradient norm, ``torch.optim.AdamW``
-without ``fused`` or ``foreach`` (on CPU torch's single-tensor for-loop), and weight gradients
-computed apart and then added into DDP's ``main_grad``. The fourth tunes the host allocator:
+without ``fused`` or ``foreach`` (on CPU torch's single-tensor for-loop), weight gradients
+computed apart and then added into DDP's ``main_grad``, and RoPE recomputing its tables and
+copying q and k. The fifth tunes the host allocator:
 
 ``foreach_grad_norm``
     the gradient norm with one ``torch._foreach_norm`` over all gradients (megatron's local
@@ -51,6 +52,14 @@ computed apart and then added into DDP's ``main_grad``. The fourth tunes the hos
     fresh ``[out, in]`` gradient per linear and micro-batch followed by DDP's ``main_grad.add_``.
     :func:`megashear.models.llama.build_transformer_config` sets
     ``gradient_accumulation_fusion`` when :func:`wgrad_accumulation_fusion` says the patch is in.
+``rope_tables``
+    megatron-core's unfused RoPE (``_apply_rotary_pos_emb_bshd``, used without TE's fused
+    kernel) computes ``cos(freqs)`` and ``sin(freqs)`` again for q and k of every layer, and
+    ends with ``torch.cat((t, t_pass))`` where ``t_pass`` is empty when RoPE covers the whole
+    head (every LLaMA): a full copy of q and k forward, and another in backward. The patch
+    computes the tables once per frequency tensor (megatron-core caches that tensor) and skips
+    the concatenation; the values are bit-identical. Partial RoPE, MLA and learnt frequencies
+    go to megatron-core's function unchanged.
 ``host_allocator``
     On CPU every activation comes from glibc's ``malloc``, which serves blocks above its
     (dynamic, at most 32 MiB) mmap threshold with a fresh ``mmap`` and returns freed memory at
@@ -59,8 +68,12 @@ computed apart and then added into DDP's ``main_grad``. The fourth tunes the hos
     tokens), and the faults land inside the matmuls that write fresh outputs. The patch keeps
     blocks up to 1 GiB on the heap and the heap's freed memory in the process
     (``mallopt(M_MMAP_THRESHOLD)``, ``mallopt(M_TRIM_THRESHOLD, -1)``): about 3k faults per
-    step. The peak RSS is unchanged, but the process no longer gives memory back below its
-    peak. Where the C library is not glibc, it does nothing (and says so at debug level).
+    step. The peak RSS of a training step is unchanged, but the process no longer gives memory
+    back below its peak. So only the trainers apply it (``install_cpu_support(training=True)``):
+    a streaming converter or ``megashear finalize``, whose tensors differ in size from one layer
+    to the next, would keep every freed block (a 4-layer LLaMA2-7B finalisation grew from 1.4 to
+    2.7 GB with it). Where the C library is not glibc, it does nothing (and says so at debug
+    level).
 
 Model configs must also set ``use_cpu_initialization=True`` and ``batch_p2p_sync=False`` on
 CPU; :func:`megashear.models.llama.build_transformer_config` does that.
@@ -434,6 +447,62 @@ def wgrad_accumulation_fusion() -> bool:
     return "wgrad_accumulation" in _APPLIED and not cuda_available()
 
 
+class _RopeTables:
+    """``cos(freqs) * mscale`` and ``sin(freqs) * mscale`` in a dtype, computed once per
+    ``freqs`` tensor. megatron-core's ``RotaryEmbedding.forward`` is ``lru_cache``d, so every
+    layer and step sees the same ``freqs`` object (``[s, 1, 1, hn]``); an entry holds that
+    tensor, so its ``id`` cannot be reused while the entry lives, and its ``_version`` guards
+    against in-place changes."""
+
+    def __init__(self, size: int = 8) -> None:
+        self.size = size
+        self.entries: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    def __call__(self, freqs: torch.Tensor, mscale: float, dtype: torch.dtype):
+        key = (id(freqs), freqs._version, float(mscale), dtype)
+        hit = self.entries.get(key)
+        if hit is None or hit[0] is not freqs:
+            if len(self.entries) >= self.size:
+                self.entries.pop(next(iter(self.entries)))
+            cos = (torch.cos(freqs) * mscale).to(dtype)
+            sin = (torch.sin(freqs) * mscale).to(dtype)
+            hit = self.entries[key] = (freqs, cos, sin)
+        return hit[1], hit[2]
+
+
+_ROPE_TABLES = _RopeTables()
+
+
+def _rope_bshd(
+    t: torch.Tensor,
+    freqs: torch.Tensor,
+    rotary_interleaved: bool = False,
+    multi_latent_attention: bool = False,
+    mscale: float = 1.0,
+) -> torch.Tensor:
+    """megatron's ``_apply_rotary_pos_emb_bshd`` (``t [s, b, n, hn]``, ``freqs [s, 1, 1, hn]``)
+    when RoPE covers the whole head: ``t·cos + rotate_half(t)·sin`` with cached tables and no
+    concatenation of an empty pass-through part. Anything else goes to megatron's own."""
+    from megatron.core.models.common.embeddings import rope_utils
+
+    if multi_latent_attention or t.shape[-1] != freqs.shape[-1] or freqs.requires_grad:
+        return _MEGATRON_ROPE_BSHD(t, freqs, rotary_interleaved, multi_latent_attention, mscale)
+    cos, sin = _ROPE_TABLES(freqs, mscale, t.dtype)
+    return (t * cos) + (rope_utils._rotate_half(t, rotary_interleaved) * sin)
+
+
+_MEGATRON_ROPE_BSHD: Callable | None = None
+
+
+def _patch_rope_tables() -> None:
+    global _MEGATRON_ROPE_BSHD
+    from megatron.core.models.common.embeddings import rope_utils
+
+    if rope_utils._apply_rotary_pos_emb_bshd is not _rope_bshd:
+        _MEGATRON_ROPE_BSHD = rope_utils._apply_rotary_pos_emb_bshd
+        rope_utils._apply_rotary_pos_emb_bshd = _rope_bshd
+
+
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
 HEAP_BLOCK_LIMIT = 1 << 30  # blocks up to this size come from the heap, not a fresh mmap
 
@@ -504,6 +573,7 @@ class Patch:
     name: str
     apply: Callable[[], None]
     prevents: str
+    training_only: bool = False  # applied by the trainers, not by every process on CPU
 
 
 PATCHES: tuple[Patch, ...] = (
@@ -529,16 +599,22 @@ PATCHES: tuple[Patch, ...] = (
         "a fresh weight gradient per linear, then added into main_grad (speed)",
     ),
     Patch(
+        "rope_tables",
+        _patch_rope_tables,
+        "cos/sin of the rotary frequencies per layer and call, and a copy of q and k (speed)",
+    ),
+    Patch(
         "host_allocator",
         _patch_host_allocator,
         "page faults over the whole working set in every step: malloc's mmap and trim (speed)",
+        training_only=True,
     ),
 )
 
 _APPLIED: set[str] = set()
 
 
-def install_cpu_support(skip: Iterable[str] = ()) -> list[str]:
+def install_cpu_support(skip: Iterable[str] = (), training: bool = False) -> list[str]:
     """Apply the CPU patches when CUDA is absent; a no-op with CUDA.
 
     Safe to call repeatedly: ``cuda_namespace`` re-scans ``sys.modules`` so that megatron-core
@@ -546,6 +622,8 @@ def install_cpu_support(skip: Iterable[str] = ()) -> list[str]:
 
     Args:
         skip: names of patches to leave out (tests use this to show what each one prevents).
+        training: also apply the training-only patches (``host_allocator``); the trainers pass
+            it, streaming converters and ``finalize`` do not.
 
     Returns:
         The names of the patches applied in this call.
@@ -558,7 +636,7 @@ def install_cpu_support(skip: Iterable[str] = ()) -> list[str]:
         raise ValueError(f"unknown CPU patches {sorted(unknown)}")
     applied = []
     for patch in PATCHES:
-        if patch.name in skip:
+        if patch.name in skip or patch.training_only and not training:
             continue
         if patch.name in _APPLIED and patch.name != "cuda_namespace":
             continue

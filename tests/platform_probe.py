@@ -113,6 +113,35 @@ def probe_wgrad_accumulation():
     assert platform.wgrad_accumulation_fusion()
 
 
+def probe_rope_tables():
+    from megatron.core.models.common.embeddings import rope_utils
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    gen = torch.Generator().manual_seed(0)
+    freqs = torch.randn(5, 1, 1, 8, generator=gen)  # [s, 1, 1, hn]
+    q, k = torch.randn(5, 2, 3, 8, generator=gen), torch.randn(5, 2, 1, 8, generator=gen)
+    x1, x2 = torch.chunk(q, 2, dim=-1)
+    expected = q * torch.cos(freqs) + torch.cat((-x2, x1), dim=-1) * torch.sin(freqs)
+    with Ops() as ops:
+        out_q = rope_utils._apply_rotary_pos_emb_bshd(q, freqs)
+        rope_utils._apply_rotary_pos_emb_bshd(k, freqs)
+    assert torch.equal(out_q, expected)
+    copies = ops.names.count("cat") - 2  # rotate_half's own cat, once per call
+    tables = ops.names.count("cos")
+    assert copies == 0 and tables <= 1, (
+        f"slow path: {tables} cos tables and {copies} extra copies for two RoPE calls"
+    )
+
+
 def probe_host_allocator():
     import resource
 
@@ -139,7 +168,7 @@ def main() -> None:
     ps.initialize_model_parallel(1, 1)
     from megashear import platform
 
-    platform.install_cpu_support(skip=skip)
+    platform.install_cpu_support(skip=skip, training=True)
     results = {}
     for name in [p.name for p in platform.PATCHES]:
         try:

@@ -11,6 +11,7 @@ checkpoints (vocabulary 256 and the tokenizer's 300) and an HF export of one of 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import json
@@ -96,8 +97,12 @@ def _words(rng: np.random.Generator, n: int) -> str:
     return " ".join("".join(rng.choice(letters, rng.integers(2, 7))) for _ in range(n))
 
 
-def _random_checkpoint(path: Path, vocab_size: int) -> None:
-    """A model-only checkpoint of the tiny-gqa shape with random weights."""
+def _random_checkpoint(path: Path, vocab_size: int, pruning: bool = False) -> None:
+    """A model-only checkpoint of the tiny-gqa shape with random weights; with ``pruning``, a
+    pruning checkpoint (log α of hidden, intermediate and layer; target 2 layers, 32 wide,
+    FFN 64)."""
+    import dataclasses
+
     import torch
 
     from megashear.conversion.dist_stream import full_shapes, write_checkpoint
@@ -108,7 +113,21 @@ def _random_checkpoint(path: Path, vocab_size: int) -> None:
     shapes = full_shapes(cfg)
     gen = torch.Generator().manual_seed(vocab_size)
     weights = {k: torch.randn(s, generator=gen) * 0.02 for k, s in shapes.items()}
-    write_checkpoint(str(path), cfg, weights.__getitem__, torch.float32, progress=False)
+    extra, meta = {}, {}
+    if pruning:
+        from megashear.pruning.hard_concrete import log_alpha_shapes
+
+        shapes_of = log_alpha_shapes(cfg.hidden_size, cfg.num_attention_heads,
+                                     cfg.ffn_hidden_size, cfg.num_layers)  # fmt: skip
+        kinds = ("hidden", "intermediate", "layer")
+        extra = {f"mask_bank.{k}_log_alpha": torch.randn(shapes_of[k], generator=gen)
+                 for k in kinds}  # fmt: skip
+        target = dataclasses.replace(
+            cfg, num_layers=2, hidden_size=32, ffn_hidden_size=64, kv_channels=cfg.head_dim
+        )
+        meta = {"pruning": {"kinds": list(kinds), "target": target.to_dict()}}
+    write_checkpoint(str(path), cfg, weights.__getitem__, torch.float32, progress=False,
+                     extra_meta=meta, extra_tensors=extra)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -129,6 +148,7 @@ def inputs(tmp_path_factory) -> SimpleNamespace:
                                "--workers", "1"]) == 0  # fmt: skip
     _random_checkpoint(d / "ckpt", 256)
     _random_checkpoint(d / "ckpt300", VOCAB)
+    _random_checkpoint(d / "pruning", 256, pruning=True)
     hf = d / "hf"
     assert call("convert", ["megatron-to-hf", "--load", str(d / "ckpt"), "--save", str(hf)]) == 0
     points = d / "points.json"
@@ -140,6 +160,7 @@ def inputs(tmp_path_factory) -> SimpleNamespace:
         manifest=data / "manifest.yaml",
         ckpt=d / "ckpt",
         ckpt300=d / "ckpt300",
+        pruning=d / "pruning",
         distcp=next((d / "ckpt" / "iter_0000000").glob("*.distcp")).name,
         hf=hf,
         points=points,
@@ -216,6 +237,7 @@ class Case:
     kept: tuple[str, ...] = ()
     code: int = 2
     subprocess: bool = False
+    disk: str | None = None  # "full" or "read-only": a tiny tmpfs mounted at t/disk for the run
 
 
 def ms(t: Path, command: str, *args: str) -> list[str]:
@@ -392,6 +414,36 @@ FINALIZE = [
                          f"--checkpoint.save={t}/out"),
          "output {t}/out exists (pass --overwrite to replace it)", kept=("out",),
          prep=lambda p, t: (t / "out").mkdir()),
+]  # fmt: skip
+
+DISK = [
+    Case("finalize-full-disk", "megashear",
+         lambda p, t: ms(t, "finalize", f"--checkpoint.load={p.pruning}",
+                         f"--checkpoint.save={t}/disk/out"),
+         "cannot write {t}/disk/out: No space left on device", outputs=("disk/out",),
+         disk="full"),
+    Case("finalize-read-only-disk", "megashear",
+         lambda p, t: ms(t, "finalize", f"--checkpoint.load={p.pruning}",
+                         f"--checkpoint.save={t}/disk/out"),
+         "cannot write {t}/disk/out: Read-only file system", outputs=("disk/out",),
+         disk="read-only"),
+    Case("train-save-full-disk", "megashear",
+         lambda p, t: ms(t, "train", *SYN, "--train.train_iters=1",
+                         f"--checkpoint.save={t}/disk/ck"),
+         "cannot write {t}/disk/ck/iter_0000001: No space left on device",
+         outputs=("disk/ck",), disk="full"),
+    Case("train-log-read-only-disk", "megashear",
+         lambda p, t: ["train", *SYN, "--train.train_iters=1", f"--logging.dir={t}/disk/log"],
+         "cannot write {t}/disk/log: Read-only file system", outputs=("disk/log",),
+         disk="read-only", code=1),
+    Case("convert-full-disk", "convert",
+         lambda p, t: ["hf-to-megatron", "--load", str(p.hf), "--save", str(t / "disk" / "out")],
+         "cannot write {t}/disk/out: No space left on device", outputs=("disk/out",),
+         disk="full"),
+    Case("convert-read-only-disk", "convert",
+         lambda p, t: ["megatron-to-hf", "--load", str(p.ckpt), "--save", str(t / "disk" / "out")],
+         "cannot write {t}/disk/out: Read-only file system", outputs=("disk/out",),
+         disk="read-only"),
 ]  # fmt: skip
 
 EVALUATE = [
@@ -627,7 +679,9 @@ TOKENIZER = [
          prep=lambda p, t: write(t / "bad.jsonl", "{not json\n[1, 2]\n")),
 ]  # fmt: skip
 
-CASES = TRAIN + PRUNE + FINALIZE + EVALUATE + CONVERT + PREPROCESS + FIT + ONE_SHOT + TOKENIZER
+CASES = (
+    TRAIN + PRUNE + FINALIZE + DISK + EVALUATE + CONVERT + PREPROCESS + FIT + ONE_SHOT + TOKENIZER
+)
 
 
 def shown_logs(kind: str, records: list[logging.LogRecord]) -> str:
@@ -640,8 +694,24 @@ def shown_logs(kind: str, records: list[logging.LogRecord]) -> str:
     for r in records:
         if r.levelno < level or (kind != "megashear" and _handled(r.name)):
             continue
+        if kind == "megashear" and not _propagates(r.name):
+            continue  # e.g. torch's DCP event logger: a NullHandler and propagate=False
         shown.append(logging.Formatter().format(r))
     return "\n".join(shown)
+
+
+def _propagates(name: str) -> bool:
+    """Whether records of logger ``name`` reach stderr in a real run: through the root logger's
+    handler, or a stream handler of its own (pytest's capture handlers do not count)."""
+    logger = logging.getLogger(name)
+    while logger is not None and logger is not logging.root:
+        if not logger.propagate:
+            return any(
+                isinstance(h, logging.StreamHandler) and type(h).__name__ != "LogCaptureHandler"
+                for h in logger.handlers
+            )
+        logger = logger.parent
+    return True
 
 
 def _handled(name: str) -> bool:
@@ -663,7 +733,7 @@ def snapshot(path: Path) -> dict[str, bytes]:
 
 
 def test_the_table_covers_every_entry_point(tmp_path):
-    names = ("corpus", "tok", "data", "manifest", "ckpt", "ckpt300", "hf", "points")
+    names = ("corpus", "tok", "data", "manifest", "ckpt", "ckpt300", "pruning", "hf", "points")
     fake = SimpleNamespace(**dict.fromkeys(names, tmp_path), distcp="x.distcp")
     commands = {
         (c.kind, c.argv(fake, tmp_path)[0]) for c in CASES if c.kind in ("megashear", "convert")
@@ -679,10 +749,35 @@ def test_the_table_covers_every_entry_point(tmp_path):
     assert len(CASES) >= 40 and len({c.name for c in CASES}) == len(CASES)
 
 
+@contextlib.contextmanager
+def mounted_disk(path: Path, kind: str | None):
+    """A 64 KiB tmpfs at ``path``, read-only or to be filled up (``kind``); nothing if None.
+    Mounting needs CAP_SYS_ADMIN (root on this project's machines); without it the case is
+    skipped, and says so."""
+    if kind is None:
+        yield
+        return
+    path.mkdir()
+    opts = "size=64k" + (",ro" if kind == "read-only" else "")
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(path)],
+                           capture_output=True, text=True)  # fmt: skip
+    if mount.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mount.stderr.strip()}")
+    try:
+        yield
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=True)
+
+
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_bad_input(case: Case, inputs, tmp_path, capfd, caplog):
     t = tmp_path / "case"
     t.mkdir()
+    with mounted_disk(t / "disk", case.disk):
+        _check_bad_input(case, inputs, t, capfd, caplog)
+
+
+def _check_bad_input(case: Case, inputs, t: Path, capfd, caplog) -> None:
     if case.prep is not None:
         case.prep(inputs, t)
     outputs = (*case.outputs, *(("log",) if case.kind == "megashear" else ()))

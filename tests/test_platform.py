@@ -15,32 +15,64 @@ from megashear import platform
 
 PROBE = Path(__file__).with_name("platform_probe.py")
 PATCHES = [p.name for p in platform.PATCHES]
-SPEED_PATCHES = {"foreach_grad_norm", "fused_adam", "wgrad_accumulation", "host_allocator"}
+SPEED_PATCHES = {
+    "foreach_grad_norm",
+    "fused_adam",
+    "wgrad_accumulation",
+    "rope_tables",
+    "host_allocator",
+}
 PROCESS_PATCHES = {"checkpoint_writer"}
 
 
-def run_probe(skip: list[str]) -> dict:
+def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = dict(os.environ, PROBE_PORT=str(port), CUDA_VISIBLE_DEVICES="", PYTHONWARNINGS="ignore")
-    proc = subprocess.run(
-        [sys.executable, str(PROBE), *skip], capture_output=True, text=True, timeout=180, env=env
-    )
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("PROBE ")]
-    assert lines, proc.stdout[-2000:] + proc.stderr[-2000:]
-    return json.loads(lines[-1][len("PROBE ") :])
+        return s.getsockname()[1]
+
+
+def run_probes(skips: list[list[str]], at_once: int = 2) -> list[dict]:
+    """The probe results of one subprocess per skip list, ``at_once`` of them at a time (each
+    is mostly a single-threaded megatron-core import)."""
+    results: list[dict | None] = [None] * len(skips)
+    running: list[tuple[int, subprocess.Popen]] = []
+    todo = list(enumerate(skips))
+
+    def finish(i: int, proc: subprocess.Popen) -> None:
+        out, err = proc.communicate(timeout=180)
+        lines = [ln for ln in out.splitlines() if ln.startswith("PROBE ")]
+        assert lines, out[-2000:] + err[-2000:]
+        results[i] = json.loads(lines[-1][len("PROBE ") :])
+
+    while todo or running:
+        while todo and len(running) < at_once:
+            i, skip = todo.pop(0)
+            env = dict(os.environ, PROBE_PORT=str(_free_port()), CUDA_VISIBLE_DEVICES="",
+                       PYTHONWARNINGS="ignore")  # fmt: skip
+            running.append((i, subprocess.Popen(
+                [sys.executable, str(PROBE), *skip], stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE, text=True, env=env,
+            )))  # fmt: skip
+        finish(*running.pop(0))
+    return results  # type: ignore[return-value]
+
+
+@pytest.fixture(scope="module")
+def probes() -> dict[str, dict]:
+    """Skipped patch ("" for none) -> the probe results of a process without it."""
+    names = ["", *PATCHES]
+    return dict(zip(names, run_probes([[n] if n else [] for n in names])))
 
 
 @pytest.mark.skipif(platform.cuda_available(), reason="CPU patches are inactive with CUDA")
-def test_all_patches_make_every_probe_pass():
-    assert run_probe([]) == {name: "ok" for name in PATCHES}
+def test_all_patches_make_every_probe_pass(probes):
+    assert probes[""] == {name: "ok" for name in PATCHES}
 
 
 @pytest.mark.skipif(platform.cuda_available(), reason="CPU patches are inactive with CUDA")
 @pytest.mark.parametrize("name", PATCHES)
-def test_each_patch_is_needed(name):
-    result = run_probe([name])[name]
+def test_each_patch_is_needed(name, probes):
+    result = probes[name][name]
     assert result != "ok", f"probe for {name} passed without the patch"
     if name in SPEED_PATCHES:  # without it megatron-core runs, on its slow CPU fallback
         assert "slow path" in result, result
@@ -55,3 +87,23 @@ def test_unknown_patch_name_is_refused():
         pytest.skip("no-op with CUDA")
     with pytest.raises(ValueError, match="unknown CPU patches"):
         platform.install_cpu_support(skip=["nope"])
+
+
+@pytest.mark.skipif(platform.cuda_available(), reason="CPU patches are inactive with CUDA")
+def test_training_only_patches_wait_for_a_trainer():
+    """A converter or ``finalize`` (no ``training=True``) keeps glibc's malloc as it is."""
+    code = (
+        "import json; from megashear import platform;"
+        "first = platform.install_cpu_support();"
+        "print(json.dumps([first, platform.install_cpu_support(training=True)]))"
+    )
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONWARNINGS="ignore")
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=180, env=env
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    first, second = json.loads(proc.stdout.strip().splitlines()[-1])
+    training_only = [p.name for p in platform.PATCHES if p.training_only]
+    assert training_only == ["host_allocator"]
+    assert first == [name for name in PATCHES if name not in training_only]
+    assert second == ["cuda_namespace", *training_only]

@@ -35,15 +35,9 @@ KIND_SETS = {
 
 def _log_alpha(cfg: ModelConfig, kinds, seed: int) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    L = cfg.num_layers
-    shapes = {
-        "hidden": (cfg.hidden_size,),
-        "head": (L, cfg.num_attention_heads),
-        "intermediate": (L, cfg.ffn_hidden_size),
-        "head_layer": (L,),
-        "mlp": (L,),
-        "layer": (L,),
-    }
+    shapes = hc.log_alpha_shapes(
+        cfg.hidden_size, cfg.num_attention_heads, cfg.ffn_hidden_size, cfg.num_layers
+    )
     return {k: torch.randn(shapes[k], generator=g, dtype=torch.float64) * 2 + 1 for k in kinds}
 
 

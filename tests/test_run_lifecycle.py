@@ -1,6 +1,7 @@
-"""What a cluster does to a run: SIGTERM mid-run saves a checkpoint and exits 143; the same
-command line (``checkpoint.load`` = ``checkpoint.save``) starts fresh on an empty directory and
-resumes after a stop."""
+"""What a cluster does to a run: SIGTERM mid-run saves a checkpoint and exits with
+``train.signal_exit_code`` (0 by default), leaving no process behind; the same command line
+(``checkpoint.load`` = ``checkpoint.save``) starts fresh on an empty directory and resumes after
+a stop, to the losses of an uninterrupted run."""
 
 from __future__ import annotations
 
@@ -40,8 +41,8 @@ def train_steps(tmp_path: Path) -> list[int]:
 
 def test_sigterm_saves_and_the_same_command_line_resumes(tmp_path):
     proc = subprocess.Popen(
-        command(tmp_path, 100_000), stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
-        text=True, env=ENV,
+        [*command(tmp_path, 100_000), "--train.signal_exit_code=143"], stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL, text=True, env=ENV,
     )  # fmt: skip
     try:
         deadline = time.time() + 120
@@ -231,12 +232,70 @@ def _rank_pids(root: int) -> list[int]:
     return ranks
 
 
-def test_kill_9_of_one_rank_under_the_restart_recipe_resumes_to_the_same_losses(tmp_path):
-    iters = 16
-    ref_dir, run_dir = tmp_path / "uninterrupted", tmp_path / "killed"
-    ref = _launched(ref_dir, iters, "megashear_run", 29640)
+ITERS = 16
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_losses(tmp_path_factory) -> dict[int, float]:
+    """The losses of the 2-rank run that nothing interrupts."""
+    ref_dir = tmp_path_factory.mktemp("uninterrupted")
+    ref = _launched(ref_dir, ITERS, "megashear_run", 29640)
     _, err = ref.communicate(timeout=600)
     assert ref.returncode == 0, err[-2000:]
+    return _train_losses(ref_dir)
+
+
+def _descendants(root: int) -> set[int]:
+    todo, out = [root], set()
+    while todo:
+        for child in _children(todo.pop()):
+            out.add(child)
+            todo.append(child)
+    return out
+
+
+def test_sigterm_of_one_rank_stops_every_rank_saved_and_resumes(tmp_path, uninterrupted_losses):
+    """SIGTERM to one of two ranks: both stop after the same step, save, exit 0 (the default
+    train.signal_exit_code) with one line, and leave no process; the same launch line then
+    finishes the run with the losses of the uninterrupted run."""
+    run = _launched(tmp_path, ITERS, "megashear_run", 29660)
+    seen: set[int] = set()
+    try:
+        deadline = time.time() + 300
+        while len(train_steps(tmp_path)) < 4:
+            assert run.poll() is None and time.time() < deadline, "the run did not start"
+            seen |= _descendants(run.pid)
+            time.sleep(0.1)
+        ranks = _rank_pids(run.pid)
+        assert len(ranks) == 2, ranks
+        seen |= _descendants(run.pid)
+        os.kill(ranks[0], signal.SIGTERM)
+        _, err = run.communicate(timeout=300)
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+    time.sleep(1.0)
+    survivors = sorted(pid for pid in seen if _alive(pid))
+    for pid in survivors:  # do not leak them into the rest of the suite
+        os.kill(pid, signal.SIGKILL)
+    assert not survivors, f"processes of the stopped run still alive: {survivors}"
+    assert run.returncode == 0, err[-3000:]
+    saved = int((tmp_path / "ckpt" / "latest_checkpointed_iteration.txt").read_text())
+    assert 4 <= saved < ITERS and train_steps(tmp_path)[-1] == saved
+    stops = [ln for ln in err.splitlines() if ln.startswith("stopped by SIGTERM")]
+    assert stops == [stops[0]] and stops[0].startswith(f"stopped by SIGTERM after step {saved}")
+
+    again = _launched(tmp_path, ITERS, "megashear_run", 29670)
+    _, err = again.communicate(timeout=600)
+    assert again.returncode == 0, err[-3000:]
+    assert _train_losses(tmp_path) == uninterrupted_losses
+
+
+def test_kill_9_of_one_rank_under_the_restart_recipe_resumes_to_the_same_losses(
+    tmp_path, uninterrupted_losses
+):
+    iters = ITERS
+    run_dir = tmp_path / "killed"
     run = _launched(run_dir, iters, "megashear_run_restarting", 29650)
     tracker = run_dir / "ckpt" / "latest_checkpointed_iteration.txt"
     try:
@@ -253,7 +312,7 @@ def test_kill_9_of_one_rank_under_the_restart_recipe_resumes_to_the_same_losses(
             os.killpg(run.pid, signal.SIGKILL)
     assert run.returncode == 0, err[-3000:]
     assert "relaunch 1 from checkpoint" in err
-    want, got = _train_losses(ref_dir), _train_losses(run_dir)
+    want, got = uninterrupted_losses, _train_losses(run_dir)
     assert sorted(got) == list(range(1, iters + 1))  # each step once: the re-run ones replaced
     assert got == want
 

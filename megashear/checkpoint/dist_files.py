@@ -71,20 +71,76 @@ def dist_load(request: dict, ckpt_dir: str, **kwargs) -> dict:
         raise _load_error(ckpt_dir, exc) from exc
 
 
-def tensor_metadata(ckpt_dir: str) -> dict:
-    """Sharded key -> a data-less ``ShardedTensor`` (global shape and dtype) of every tensor of
-    the checkpoint (``dist_checkpointing.load_tensors_metadata``), once the files are checked
-    to be complete: a damaged checkpoint is refused before anything is read or written."""
-    from megatron.core import dist_checkpointing
+class ChunkReader:
+    """Regions of the tensors of a ``torch_dist`` checkpoint, read straight from its files by
+    DCP's own metadata (``.metadata``: each stored chunk's offsets, sizes, file, byte range), no
+    process group needed. A region that one stored chunk covers is that chunk's tensor as
+    ``torch.load`` returns it, narrowed, not copied into a destination as ``dist_checkpointing.load``
+    does: one buffer per tensor instead of two. Other regions are assembled from their chunks.
+    """
 
-    try:
-        stored = dist_checkpointing.load_tensors_metadata(ckpt_dir)
-    except Exception as exc:  # missing, truncated or not a DCP metadata pickle
-        raise _load_error(ckpt_dir, exc) from None
-    damage = damaged_file(ckpt_dir)
-    if damage is not None:
-        raise CheckpointError(f"checkpoint {ckpt_dir} cannot be loaded: {damage}")
-    return stored
+    def __init__(self, ckpt_dir: str) -> None:
+        from torch.distributed.checkpoint import FileSystemReader
+
+        damage = damaged_file(ckpt_dir)  # also refuses an unreadable .metadata
+        if damage is not None:
+            raise CheckpointError(f"checkpoint {ckpt_dir} cannot be loaded: {damage}")
+        self.dir = ckpt_dir
+        self._reader = FileSystemReader(ckpt_dir)
+        md = self._reader.read_metadata()
+        self._reader.set_up_storage_reader(md, is_coordinator=True)
+        # sharded key -> TensorStorageMetadata (size, properties.dtype, chunks); no byte blobs
+        self.tensors = {k: v for k, v in md.state_dict_metadata.items() if hasattr(v, "chunks")}
+
+    def _chunk(self, key: str, offsets) -> torch.Tensor:
+        from torch.distributed.checkpoint.metadata import MetadataIndex
+
+        info = self._reader.storage_data[MetadataIndex(key, torch.Size(offsets))]
+        path = os.path.join(self.dir, info.relative_path)
+        try:
+            if info.transform_descriptors:
+                raise ValueError(f"stored with transforms {list(info.transform_descriptors)}")
+            with open(path, "rb") as f:
+                return torch.load(self._reader._slice_file(f, info), map_location="cpu",
+                                  weights_only=True)  # fmt: skip
+        except Exception as exc:
+            raise CheckpointError(
+                f"checkpoint {self.dir} cannot be loaded: {key} in {path} "
+                f"({type(exc).__name__}: {_first_line(exc)})"
+            ) from None
+
+    def region(self, key: str, offsets: list[int], sizes: list[int]) -> torch.Tensor:
+        """``global_tensor[offsets : offsets + sizes]`` of the sharded key ``key``."""
+        md = self.tensors[key]
+        parts = []
+        for chunk in md.chunks:
+            lo = [max(o, c) for o, c in zip(offsets, chunk.offsets)]
+            hi = [
+                min(o + n, c + m) for o, n, c, m in zip(offsets, sizes, chunk.offsets, chunk.sizes)
+            ]
+            if all(a < b for a, b in zip(lo, hi)):
+                parts.append((chunk, lo, hi))
+        covered = sum(torch.Size([b - a for a, b in zip(lo, hi)]).numel() for _, lo, hi in parts)
+        if covered != torch.Size(sizes).numel():
+            raise CheckpointError(f"checkpoint {self.dir}: the chunks of {key} do not cover it")
+
+        def local(t: torch.Tensor, chunk, lo, hi) -> torch.Tensor:
+            for dim, (a, b, c) in enumerate(zip(lo, hi, chunk.offsets)):
+                t = t.narrow(dim, a - c, b - a)
+            return t
+
+        if len(parts) == 1:
+            chunk, lo, hi = parts[0]
+            t = local(self._chunk(key, chunk.offsets), chunk, lo, hi)
+            # a small region of a large chunk is copied out, so that the chunk can go
+            return t if t.numel() == torch.Size(chunk.sizes).numel() else t.clone()
+        out = torch.empty(sizes, dtype=md.properties.dtype)
+        for chunk, lo, hi in parts:
+            dst = out
+            for dim, (a, b, o) in enumerate(zip(lo, hi, offsets)):
+                dst = dst.narrow(dim, a - o, b - a)
+            dst.copy_(local(self._chunk(key, chunk.offsets), chunk, lo, hi))
+        return out
 
 
 def write_backend_files(ckpt_dir: str) -> None:

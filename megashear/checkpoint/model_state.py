@@ -22,7 +22,8 @@ from megashear.checkpoint.format import (
 from megashear.checkpoint.publish import save_iteration
 from megashear.model_config import ModelConfig
 
-MASK_PREFIX = "mask_bank."
+MASK_PREFIX = "mask_bank."  # the mask parameters' sharded keys: mask_bank.<kind>_log_alpha
+LOG_ALPHA_SUFFIX = "_log_alpha"
 
 
 def current_layout() -> dict:

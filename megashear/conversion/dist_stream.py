@@ -30,11 +30,12 @@ import io
 import logging
 import os
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
 
-from megashear.checkpoint.dist_files import dist_load, tensor_metadata, write_backend_files
+from megashear.checkpoint.dist_files import ChunkReader, write_backend_files
 from megashear.checkpoint.format import (
     CheckpointError,
     iteration_dir,
@@ -44,6 +45,7 @@ from megashear.checkpoint.format import (
     write_meta,
     write_tracker,
 )
+from megashear.checkpoint.model_state import LOG_ALPHA_SUFFIX, MASK_PREFIX
 from megashear.checkpoint.publish import check_new_output, publish_dir
 from megashear.conversion.megatron_layout import FC1, GLOBAL_KEYS, LAYER_KEYS, QKV
 from megashear.model_config import ModelConfig
@@ -137,8 +139,11 @@ def _tp_chunks(shape: tuple[int, ...], sk: ShardedKey, tp: int) -> list[tuple[li
     return out
 
 
-def _write_items(cfg: ModelConfig, dtype: torch.dtype, tp: int) -> list:
-    """Every DCP write item of the checkpoint, layer-major so that a layer is produced once."""
+def _write_items(
+    cfg: ModelConfig, dtype: torch.dtype, tp: int, extra: dict[str, torch.Tensor] | None = None
+) -> list:
+    """Every DCP write item of the checkpoint, layer-major so that a layer is produced once;
+    the ``extra`` tensors (sharded key -> full tensor) last, each as one chunk."""
     from torch.distributed.checkpoint.metadata import (
         ChunkStorageMetadata,
         MetadataIndex,
@@ -184,6 +189,19 @@ def _write_items(cfg: ModelConfig, dtype: torch.dtype, tp: int) -> list:
     for sk in keys:
         if not sk.per_layer:
             items += tensor_items(sk, None)
+    for key, t in (extra or {}).items():
+        zeros = torch.Size([0] * t.dim())
+        items.append(
+            WriteItem(
+                index=MetadataIndex(key, zeros),
+                type=WriteItemType.SHARD,
+                tensor_data=TensorWriteData(
+                    chunk=ChunkStorageMetadata(offsets=zeros, sizes=t.shape),
+                    properties=TensorProperties(dtype=t.dtype),
+                    size=t.shape,
+                ),
+            )
+        )
     return items
 
 
@@ -237,6 +255,7 @@ def write_checkpoint(
     overwrite: bool = False,
     extra_meta: dict | None = None,
     progress: bool = True,
+    extra_tensors: dict[str, torch.Tensor] | None = None,
 ) -> None:
     """Write a model-only megashear checkpoint, pulling each full tensor from ``get``.
 
@@ -245,6 +264,8 @@ def write_checkpoint(
             per name (the last two tensors are kept for the TP slices of the same tensor).
         dtype: the stored dtype; tensors are cast to it.
         tp, pp: the layout the chunks are cut for (any layout loads the checkpoint).
+        extra_tensors: sharded key -> full tensor stored whole in its own dtype, besides the
+            model's (e.g. the ``mask_bank.*_log_alpha`` of a pruning checkpoint).
 
     Raises:
         CheckpointError: the output exists without ``overwrite``.
@@ -257,7 +278,8 @@ def write_checkpoint(
     check_new_output(save_dir, overwrite)
     shapes = full_shapes(cfg)
     key_of = {sk.key: sk for sk in SHARDED_KEYS}
-    items = _write_items(cfg, dtype, tp)
+    extra = dict(extra_tensors or {})
+    items = _write_items(cfg, dtype, tp, extra)
     cache: dict[str, torch.Tensor] = {}
     bar = tqdm(total=len(items), desc="write megatron", unit="chunk", disable=not progress)
 
@@ -275,6 +297,8 @@ def write_checkpoint(
         bar.update()
         if item.type.name == "BYTE_IO":
             return _extra_state_bytes()
+        if item.index.fqn in extra:
+            return extra[item.index.fqn].contiguous()
         sk = key_of[item.index.fqn]
         chunk = item.tensor_data.chunk
         offsets, sizes = list(chunk.offsets), list(chunk.sizes)
@@ -328,66 +352,130 @@ def _finish_checkpoint(
     write_tracker(tmp_root, 0)
 
 
+PREFETCH_DEPTH = 3  # tensors read ahead: a norm, qkv and proj, or a norm, fc1 and fc2
+
+
 class CheckpointReader:
     """Full megatron tensors of a megashear checkpoint, one layer in memory at a time.
 
     ``reader(name)`` returns the full (TP1) tensor of a full-state-dict name; the first name of
-    a layer loads that whole layer (every sharded key) with one ``dist_checkpointing.load``.
+    a layer reads that whole layer (every sharded key), a non-layer name only itself. The files
+    are read through :class:`~megashear.checkpoint.dist_files.ChunkReader` (DCP's metadata, no
+    process group, one buffer per tensor), whatever TP/PP layout saved them.
     """
 
-    def __init__(self, path: str, dtype: torch.dtype | None = None) -> None:
+    def __init__(self, path: str, dtype: torch.dtype | None = None, masked: bool = False) -> None:
         self.dir = resolve(path)
         meta = read_meta(self.dir)
-        if "pruning" in meta:
+        if ("pruning" in meta) != masked:
             raise CheckpointError(
                 f"{self.dir} is a pruning checkpoint (masked model): run `megashear finalize` "
                 "on it first"
+                if not masked
+                else f"{self.dir} is not a pruning checkpoint (no mask settings in megashear.json)"
             )
         self.meta = meta
         self.cfg = ModelConfig.from_dict(meta["model"])
-        stored = tensor_metadata(self.dir)  # damage is refused before any output is written
+        self.chunks = ChunkReader(self.dir)  # damage is refused before any output is written
+        stored = self.chunks.tensors
         self.keys = sharded_keys(self.cfg)
+        self.extra_keys = {
+            k: md for k, md in stored.items() if k.startswith(MASK_PREFIX)
+        }  # mask parameters (log α) of a pruning checkpoint
         missing = [sk.key for sk in self.keys if sk.key not in stored]
         if missing:
             raise CheckpointError(f"{self.dir} holds no tensor {missing[0]}")
-        self.stored_dtype = stored[SHARDED_KEYS[0].key].dtype
+        self.stored_dtype = stored[SHARDED_KEYS[0].key].properties.dtype
         self.dtype = dtype or self.stored_dtype
         self.shapes = full_shapes(self.cfg)
-        self._layer: int | None = None
         self._tensors: dict[str, torch.Tensor] = {}
+        self._order: dict[str, int] = {}  # prefetch mode: name -> its place in the read order
+        self._pending: dict[str, Future] = {}
+        self._pool: ThreadPoolExecutor | None = None
 
-    def _load(self, layer: int | None) -> None:
-        from megatron.core.dist_checkpointing.mapping import ShardedTensor
+    def _read(self, sk: ShardedKey, layer: int | None) -> torch.Tensor:
+        name = sk.name.format(layer)
+        shape = list(self.shapes[name])
+        stored = list(self.chunks.tensors[sk.key].size)
+        want = shape if layer is None else [self.cfg.num_layers, *shape]
+        if stored != want:
+            raise CheckpointError(f"{self.dir}: {sk.key} is {stored}, the model needs {want}")
+        if layer is None:
+            return self.chunks.region(sk.key, [0] * len(shape), shape)
+        return self.chunks.region(sk.key, [layer] + [0] * len(shape), [1, *shape])[0]
 
-        request = {}
+    def _load(self, layer: int | None, only: str | None = None) -> None:
+        """Read every tensor of ``layer``, or the one non-layer tensor ``only``."""
+        self._tensors = {}  # the previous layer goes before the next one is read
         for sk in self.keys:
             if sk.per_layer != (layer is not None):
                 continue
             name = sk.name.format(layer)
-            if layer is None:
-                data = torch.empty(self.shapes[name], dtype=self.stored_dtype)
-                request[name] = ShardedTensor.from_rank_offsets(sk.key, data, replica_id=0)
-            else:
-                # the layer's slice [1, ...] of the stored [L, ...] tensor (no prepended axis:
-                # megatron-core then reads an arbitrary chunk in a single process)
-                data = torch.empty((1, *self.shapes[name]), dtype=self.stored_dtype)
-                request[name] = ShardedTensor.from_rank_offsets(
-                    sk.key, data, (0, layer, self.cfg.num_layers), replica_id=0
-                )
-        # one layer of a whole-model checkpoint: the access check would want every layer
-        loaded = dist_load(request, self.dir, validate_access_integrity=False)
-        self._layer = layer
-        self._tensors = {
-            # a training checkpoint also returns its common state (iteration, scheduler, ...)
-            k: (loaded[k] if layer is None else loaded[k][0]).to(self.dtype)
-            for k in request
-        }
+            if only is None or name == only:
+                self._tensors[name] = self._read(sk, layer).to(self.dtype)
+
+    def _sharded_key(self, name: str) -> tuple[ShardedKey, int | None]:
+        if name not in self.shapes:
+            raise KeyError(f"no tensor {name} in a model of this shape")
+        layer = int(name.split(".")[2]) if name.startswith("decoder.layers.") else None
+        for sk in self.keys:
+            if sk.per_layer == (layer is not None) and sk.name.format(layer) == name:
+                return sk, layer
+        raise KeyError(name)
+
+    def _read_name(self, name: str) -> torch.Tensor:
+        return self._read(*self._sharded_key(name)).to(self.dtype)
+
+    def prefetch(self, names: list[str]) -> None:
+        """Switch to reading one tensor at a time in the order ``names`` (the order they will be
+        asked for), one ahead of the caller in a background thread: while the caller works on
+        one tensor, the next is read (file reads and torch ops release the GIL). Memory holds
+        the current tensor and the next. A name outside ``names`` is read when asked."""
+        self._order = {n: i for i, n in enumerate(names)}
+        self._names = list(names)
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="checkpoint-read")
+        self._tensors = {}
+        if names:
+            self._pending[names[0]] = self._pool.submit(self._read_name, names[0])
+
+    def close(self) -> None:
+        """Stop the prefetching thread (pending reads are dropped)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool, self._pending = None, {}
+
+    def _prefetched(self, name: str) -> torch.Tensor:
+        self._tensors = {}  # the caller is done with the previous tensor
+        future = self._pending.pop(name, None)
+        t = future.result() if future is not None else self._read_name(name)
+        at = self._order.get(name)
+        if at is not None:  # keep the next PREFETCH_DEPTH tensors on their way
+            for nxt in self._names[at + 1 : at + 1 + PREFETCH_DEPTH]:
+                if nxt not in self._pending:
+                    self._pending[nxt] = self._pool.submit(self._read_name, nxt)
+        self._tensors = {name: t}
+        return t
 
     def __call__(self, name: str) -> torch.Tensor:
+        if self._pool is not None:
+            return self._tensors[name] if name in self._tensors else self._prefetched(name)
         if name not in self._tensors:
             parts = name.split(".")
             layer = int(parts[2]) if name.startswith("decoder.layers.") else None
             if name not in self.shapes:
                 raise KeyError(f"no tensor {name} in a model of this shape")
-            self._load(layer)
+            self._load(layer, None if layer is not None else name)
         return self._tensors[name]
+
+    def mask_parameters(self) -> dict[str, torch.Tensor]:
+        """The full log α of a pruning checkpoint: kind -> tensor (``hidden [h]``, ``head
+        [L, a]``, ``intermediate [L, f]``, layer-level kinds ``[L]``), as stored (fp32)."""
+        n = len(MASK_PREFIX)
+        out = {}
+        for key, md in self.extra_keys.items():
+            if key.endswith(LOG_ALPHA_SUFFIX):
+                size = list(md.size)
+                out[key[n : -len(LOG_ALPHA_SUFFIX)]] = self.chunks.region(
+                    key, [0] * len(size), size
+                )
+        return out

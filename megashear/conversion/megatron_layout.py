@@ -60,15 +60,20 @@ def pack_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: ModelConfig
     return torch.cat([q, k, v], dim=1).reshape(-1, h)
 
 
+def _qkv_blocks(qkv: torch.Tensor, cfg: ModelConfig) -> tuple[torch.Tensor, ...]:
+    """Views ``q [g, r*hn, h]``, ``k [g, hn, h]``, ``v [g, hn, h]`` of the packed tensor."""
+    g, hn = cfg.num_query_groups, cfg.head_dim
+    r = cfg.num_attention_heads // g
+    blocks = qkv.reshape(g, (r + 2) * hn, qkv.shape[1])
+    return torch.split(blocks, [r * hn, hn, hn], dim=1)
+
+
 def unpack_qkv(
     qkv: torch.Tensor, cfg: ModelConfig
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Inverse of :func:`pack_qkv`."""
-    g, hn = cfg.num_query_groups, cfg.head_dim
-    r = cfg.num_attention_heads // g
     h = qkv.shape[1]
-    blocks = qkv.reshape(g, (r + 2) * hn, h)
-    q, k, v = torch.split(blocks, [r * hn, hn, hn], dim=1)
+    q, k, v = _qkv_blocks(qkv, cfg)
     return q.reshape(-1, h), k.reshape(-1, h), v.reshape(-1, h)
 
 
@@ -121,7 +126,8 @@ def canonical_tensor(
     if ck in LAYER_KEYS:
         return get(LAYER_KEYS[ck].format(i))
     if ck in ("q", "k", "v"):
-        return unpack_qkv(get(QKV.format(i)), cfg)["qkv".index(ck)]
+        qkv = get(QKV.format(i))
+        return _qkv_blocks(qkv, cfg)["qkv".index(ck)].reshape(-1, qkv.shape[1])  # one copy
     if ck in ("gate", "up"):
         return torch.chunk(get(FC1.format(i)), 2, dim=0)[("gate", "up").index(ck)]
     raise KeyError(f"{key} is not a canonical LLaMA weight")

@@ -84,15 +84,9 @@ class MaskBank(nn.Module):
         self.num_layers = num_layers
         self.layer_numbers = list(layer_numbers)
         self.tp_rank, self.tp_size, self.seed = tp_rank, tp_size, seed
-        n_local = len(layer_numbers)
-        shapes = {
-            "hidden": (hidden_size,),
-            "head": (n_local, num_heads // tp_size),
-            "intermediate": (n_local, ffn_hidden_size // tp_size),
-            "head_layer": (n_local,),
-            "mlp": (n_local,),
-            "layer": (n_local,),
-        }
+        shapes = hc.log_alpha_shapes(
+            hidden_size, num_heads // tp_size, ffn_hidden_size // tp_size, len(layer_numbers)
+        )
         for kind in self.kinds:
             param = nn.Parameter(hc.init_log_alpha(shapes[kind], mean=init_mean))
             param.mask_kind = kind

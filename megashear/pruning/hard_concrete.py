@@ -76,6 +76,18 @@ ROW_KINDS = ("head", "intermediate")  # [L, n]: one row per layer
 LAYER_KINDS = ("layer", "head_layer", "mlp")  # [L]
 
 
+def log_alpha_shapes(
+    hidden_size: int, num_heads: int, ffn_hidden_size: int, num_layers: int
+) -> dict[str, tuple[int, ...]]:
+    """Kind -> shape of its log α: ``hidden [h]``, ``head [L, a]``, ``intermediate [L, f]``,
+    layer-level kinds ``[L]`` (pass a TP rank's ``a``/``f`` and a stage's ``L`` for a shard)."""
+    rows = {"head": num_heads, "intermediate": ffn_hidden_size}
+    shapes: dict[str, tuple[int, ...]] = {"hidden": (hidden_size,)}
+    for kind in ALL_KINDS[1:]:
+        shapes[kind] = (num_layers, rows[kind]) if kind in ROW_KINDS else (num_layers,)
+    return shapes
+
+
 def init_log_alpha(
     shape: tuple[int, ...] | torch.Size,
     mean: float = INIT_MEAN,

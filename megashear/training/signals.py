@@ -4,10 +4,11 @@
 :class:`ExitSignals` records the first such signal instead of dying in the middle of a step.
 The trainer asks :meth:`ExitSignals.agreed` after every step: one ``MAX`` all-reduce of the
 recorded signal number over all ranks, so every rank stops after the same step even when only
-one of them was signalled. The command then saves a checkpoint and exits with ``128 + signal``
-(143 for SIGTERM, 130 for SIGINT), so a scheduler sees the run as interrupted and a relaunch
-with the same command line resumes from that step. A second signal restores the default
-handler and re-raises it (a forced stop).
+one of them was signalled. The command then saves a checkpoint, writes one line naming the
+signal and the step, and exits with ``train.signal_exit_code``: 0 by default, as megatron's,
+or e.g. 143 for a scheduler that should see the run as interrupted. A relaunch with the same
+command line resumes from that step. A second signal restores the default handler and
+re-raises it (a forced stop).
 """
 
 from __future__ import annotations

@@ -149,6 +149,10 @@ class Trainer:
             self.teacher = Teacher(distill, model_cfg, par, self.dtype)
             self.schedule_model = pair_with_teacher(self.model, self.teacher, self.tconfig)
         self.loss_key = "lm loss" if self.teacher is None else "objective"
+        if self.ckpt_cfg.save:
+            from megashear.checkpoint.publish import remove_stale_saves
+
+            remove_stale_saves(self.ckpt_cfg.save)  # an interrupted save's iter_N.tmp
         if self.ckpt_cfg.load:
             from megashear.training.checkpointing import load_checkpoint
 
@@ -193,7 +197,7 @@ class Trainer:
         self.tconfig.no_sync_func = (
             wrapped[0].no_sync if len(wrapped) == 1 else [m.no_sync for m in wrapped]
         )
-        platform.install_cpu_support()
+        platform.install_cpu_support(training=True)
         return wrapped
 
     def optimizer_config(self):
@@ -220,7 +224,7 @@ class Trainer:
         optimizer = get_megatron_optimizer(
             self.optimizer_config(), self.model, config_overrides=self.optimizer_overrides()
         )
-        platform.install_cpu_support()
+        platform.install_cpu_support(training=True)
         return optimizer
 
     def _build_scheduler(self):

@@ -16,6 +16,7 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 from typing import NoReturn
 
 from megashear import config_io
@@ -263,8 +264,47 @@ def run_training(trainer, cfg: RunConfig, log, kind: str = "train") -> list[dict
             close()
 
 
-def cmd_train(cfg: RunConfig) -> int | None:
+def run_tool(body: Callable[[], object]) -> int:
+    """A tool's work under the command's error contract: a bad input (``ValueError``,
+    ``KeyError``, ``OSError``) is one ``error:`` line and exit 2; otherwise the result is printed
+    as one JSON line and the exit code is 0. The process group, if any, is torn down."""
+    try:
+        result = body()
+    except (ValueError, KeyError, OSError) as exc:
+        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"error: {msg}", file=sys.stderr)
+        return 2
+    finally:
+        from megashear.parallel import destroy
+
+        destroy()
+    print(json.dumps(result))
+    return 0
+
+
+def run_to_end(trainer, cfg: RunConfig, kind: str = "train") -> int | None:
+    """Record the resolved config, train to the end (or a signal), save the last step unless
+    its interval save has, and log a summary; the exit code of a signal stop, else None."""
     from megashear.training.run_log import RunLog
+
+    write_resolved_config(cfg)
+    log = RunLog(
+        cfg.logging.dir,
+        enabled=_is_rank0(),
+        tensorboard=cfg.logging.tensorboard,
+        resume_from=trainer.iteration,
+    )
+    start = time.time()
+    history = run_training(trainer, cfg, log, kind=kind)
+    interval = cfg.checkpoint.save_interval
+    if cfg.checkpoint.save and not (history and interval and trainer.iteration % interval == 0):
+        trainer.save()
+    log.log("summary", trainer.iteration, {"seconds": time.time() - start})
+    log.close()
+    return _interrupted(trainer, cfg)
+
+
+def cmd_train(cfg: RunConfig) -> int | None:
     from megashear.training.trainer import Trainer
 
     trainer = Trainer(
@@ -275,21 +315,7 @@ def cmd_train(cfg: RunConfig) -> int | None:
         cfg.checkpoint,
         distill=cfg.distill,
     )
-    write_resolved_config(cfg)
-    log = RunLog(
-        cfg.logging.dir,
-        enabled=_is_rank0(),
-        tensorboard=cfg.logging.tensorboard,
-        resume_from=trainer.iteration,
-    )
-    start = time.time()
-    history = run_training(trainer, cfg, log)
-    interval = cfg.checkpoint.save_interval
-    if cfg.checkpoint.save and not (history and interval and trainer.iteration % interval == 0):
-        trainer.save()
-    log.log("summary", trainer.iteration, {"seconds": time.time() - start})
-    log.close()
-    return _interrupted(trainer, cfg)
+    return run_to_end(trainer, cfg)
 
 
 def _interrupted(trainer, cfg: RunConfig) -> int | None:
@@ -339,7 +365,6 @@ def pruning_target(cfg: RunConfig):
 def cmd_prune(cfg: RunConfig) -> int | None:
     from megashear.pruning.targets import validate_target
     from megashear.training.pruning_trainer import PruningTrainer
-    from megashear.training.run_log import RunLog
 
     target = pruning_target(cfg)
     validate_target(cfg.model, target, tp_sizes=(cfg.parallel.tp,), pp_sizes=(cfg.parallel.pp,))
@@ -353,21 +378,7 @@ def cmd_prune(cfg: RunConfig) -> int | None:
         cfg.checkpoint,
         distill=cfg.distill,
     )
-    write_resolved_config(cfg)
-    log = RunLog(
-        cfg.logging.dir,
-        enabled=_is_rank0(),
-        tensorboard=cfg.logging.tensorboard,
-        resume_from=trainer.iteration,
-    )
-    start = time.time()
-    history = run_training(trainer, cfg, log, kind="prune")
-    interval = cfg.checkpoint.save_interval
-    if cfg.checkpoint.save and not (history and interval and trainer.iteration % interval == 0):
-        trainer.save()
-    log.log("summary", trainer.iteration, {"seconds": time.time() - start})
-    log.close()
-    return _interrupted(trainer, cfg)
+    return run_to_end(trainer, cfg, kind="prune")
 
 
 def cmd_finalize(cfg: RunConfig) -> None:

@@ -28,7 +28,6 @@ a temporary name and renamed at the end).
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 
@@ -171,17 +170,9 @@ def main(argv: list[str] | None = None) -> int:
         "megatron-to-hf": megatron_to_hf,
         "reshard": reshard,
     }
-    try:
-        result = commands[args.command](args)
-    except (ValueError, KeyError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    finally:
-        from megashear.parallel import destroy
+    from megashear.cli import run_tool
 
-        destroy()
-    print(json.dumps(result))
-    return 0
+    return run_tool(lambda: commands[args.command](args))
 
 
 if __name__ == "__main__":

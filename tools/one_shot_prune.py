@@ -21,7 +21,6 @@ code 2, and no output; an existing ``--save`` needs ``--overwrite``. Prints one 
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from collections.abc import Mapping
@@ -113,18 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     if not os.path.exists(args.load):
         print(f"error: --load {args.load} does not exist", file=sys.stderr)
         return 2
-    try:
-        result = one_shot(args)
-    except (ValueError, KeyError, OSError) as exc:
-        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        print(f"error: {msg}", file=sys.stderr)
-        return 2
-    finally:
-        from megashear.parallel import destroy
+    from megashear.cli import run_tool
 
-        destroy()
-    print(json.dumps(result))
-    return 0
+    return run_tool(lambda: one_shot(args))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """``megashear finalize``: a masked (pruning) checkpoint -> a dense checkpoint of the target shape.
 
-Streamed, like conversion, so that memory holds about one source layer (a LLaMA2-7B layer is
-0.4 GB in bf16) instead of the model (27 GB of fp32 at 7B):
+Streamed, like conversion, so that memory holds a few source tensors (the largest LLaMA2-7B
+tensor, fc1, is 0.18 GB in bf16) instead of the model (27 GB of fp32 at 7B):
 
 1. the checkpoint's log α (``mask_bank.<kind>_log_alpha``, full tensors) and its source and
    target shapes (``megashear.json``) are read; no model is built, so the checkpoint may have
@@ -9,13 +9,15 @@ Streamed, like conversion, so that memory holds about one source layer (a LLaMA2
 2. deterministic masks at exactly the target sizes
    (:func:`megashear.pruning.finalize.finalization_masks`: per-layer top-k, GQA group-wise,
    layer kinds jointly) and the plan they imply
-   (:func:`megashear.pruning.finalize.plan_finalization`);
+   (:func:`megashear.pruning.finalize.plan_finalization`: kept layers, heads, groups, FFN
+   units and hidden dims);
 3. :func:`megashear.conversion.dist_stream.write_checkpoint` asks for the finalised tensors
-   layer by layer; the first request of finalised layer ``j`` reads its source layer
-   ``plan.layers[j]`` (:class:`~megashear.conversion.dist_stream.CheckpointReader`), cuts it to
-   canonical tensors and finalises it (:func:`megashear.pruning.finalize.finalize_layer`: soft
-   values folded into the consuming weights, physical slicing); pruned source layers are never
-   read;
+   one by one, layer-major; each comes from one source tensor of source layer
+   ``plan.layers[j]``, cut to canonical form and finalised
+   (:func:`megashear.pruning.finalize.finalize_layer_weight`: soft values folded into the
+   consuming weight, physical slicing). The
+   :class:`~megashear.conversion.dist_stream.CheckpointReader` reads the source tensors in
+   that order, three ahead in a thread; pruned source layers are never read;
 4. the result is a plain model-only checkpoint of the target config in the source's stored
    dtype, loadable at any TP/PP, written under a temporary name and renamed at the end.
 

@@ -15,6 +15,7 @@ Two ways a checkpoint appears, both all or nothing:
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import shutil
@@ -59,12 +60,15 @@ def _existing_parent(path: str) -> str:
     return path
 
 
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT, errno.EFBIG}
+
+
 def write_failure(path: str, exc: BaseException) -> CheckpointError | None:
     """A one-line :class:`CheckpointError` for a failed write of ``path``, or None when the
     error is not the file system's. torch's writers report a full disk as ``RuntimeError: ...
     unexpected pos``, so the file system is asked why: read only or (nearly) full."""
     where = _existing_parent(path)
-    if isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError) and exc.strerror:
+    if isinstance(exc, OSError) and exc.errno in _WRITE_ERRNOS and exc.strerror:
         reason = exc.strerror
     elif not os.access(where, os.W_OK):
         reason = "Read-only file system (or no write permission)"

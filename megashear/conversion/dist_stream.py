@@ -428,9 +428,10 @@ class CheckpointReader:
 
     def prefetch(self, names: list[str]) -> None:
         """Switch to reading one tensor at a time in the order ``names`` (the order they will be
-        asked for), one ahead of the caller in a background thread: while the caller works on
-        one tensor, the next is read (file reads and torch ops release the GIL). Memory holds
-        the current tensor and the next. A name outside ``names`` is read when asked."""
+        asked for), :data:`PREFETCH_DEPTH` ahead of the caller in a background thread: while the
+        caller works on one tensor, the next ones are read (file reads and torch ops release the
+        GIL). Memory holds the current tensor and those ahead. A name outside ``names`` is read
+        when asked; asking out of order costs memory (what was read ahead waits), not results."""
         self._order = {n: i for i, n in enumerate(names)}
         self._names = list(names)
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="checkpoint-read")

@@ -505,9 +505,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
     except OSError as exc:  # e.g. a read-only or full disk under logging.dir
+        import errno
+
         remove_failed_start(new_dirs)
-        where = f" {exc.filename}" if exc.filename else ""
-        print(f"error: cannot write{where}: {exc.strerror or one_line(exc)}", file=sys.stderr)
+        writing = exc.errno in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT)
+        what = " ".join(filter(None, ("cannot write" if writing else "", exc.filename or "")))
+        reason = exc.strerror or one_line(exc)
+        print(f"error: {what}: {reason}" if what else f"error: {reason}", file=sys.stderr)
         return 1
     except NonFiniteLossError as exc:
         # the run diverged: nothing was saved after the last good checkpoint

@@ -505,10 +505,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
     except OSError as exc:  # e.g. a read-only or full disk under logging.dir
-        import errno
+        from megashear.checkpoint.publish import WRITE_ERRNOS
 
         remove_failed_start(new_dirs)
-        writing = exc.errno in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT)
+        writing = exc.errno in WRITE_ERRNOS
         what = " ".join(filter(None, ("cannot write" if writing else "", exc.filename or "")))
         reason = exc.strerror or one_line(exc)
         print(f"error: {what}: {reason}" if what else f"error: {reason}", file=sys.stderr)

@@ -60,7 +60,7 @@ def _existing_parent(path: str) -> str:
     return path
 
 
-_WRITE_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT, errno.EFBIG}
+WRITE_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT, errno.EFBIG}
 
 
 def write_failure(path: str, exc: BaseException) -> CheckpointError | None:
@@ -68,7 +68,7 @@ def write_failure(path: str, exc: BaseException) -> CheckpointError | None:
     error is not the file system's. torch's writers report a full disk as ``RuntimeError: ...
     unexpected pos``, so the file system is asked why: read only or (nearly) full."""
     where = _existing_parent(path)
-    if isinstance(exc, OSError) and exc.errno in _WRITE_ERRNOS and exc.strerror:
+    if isinstance(exc, OSError) and exc.errno in WRITE_ERRNOS and exc.strerror:
         reason = exc.strerror
     elif not os.access(where, os.W_OK):
         reason = "Read-only file system (or no write permission)"

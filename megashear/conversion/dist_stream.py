@@ -461,10 +461,7 @@ class CheckpointReader:
         if self._pool is not None:
             return self._tensors[name] if name in self._tensors else self._prefetched(name)
         if name not in self._tensors:
-            parts = name.split(".")
-            layer = int(parts[2]) if name.startswith("decoder.layers.") else None
-            if name not in self.shapes:
-                raise KeyError(f"no tensor {name} in a model of this shape")
+            _, layer = self._sharded_key(name)
             self._load(layer, None if layer is not None else name)
         return self._tensors[name]
 

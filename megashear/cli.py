@@ -382,10 +382,13 @@ def cmd_prune(cfg: RunConfig) -> int | None:
 
 
 def cmd_finalize(cfg: RunConfig) -> None:
+    from megashear import platform
     from megashear.finalize_run import finalize_checkpoint
 
     if not cfg.checkpoint.load or not cfg.checkpoint.save:
         raise UsageError("finalize needs checkpoint.load (pruning run) and checkpoint.save")
+    # this process only streams tensors: keep freed pages, one malloc arena for its threads
+    platform.keep_freed_host_memory(single_arena=True)
     out = finalize_checkpoint(cfg.checkpoint.load, cfg.checkpoint.save)
     if _is_rank0():
         print(

@@ -15,6 +15,7 @@ import os
 import torch
 
 from megashear.checkpoint.format import CheckpointError
+from megashear.checkpoint.mapped_record import map_tensor
 
 
 def _first_line(exc: BaseException, default: str = "") -> str:
@@ -74,14 +75,17 @@ def dist_load(request: dict, ckpt_dir: str, **kwargs) -> dict:
 class ChunkReader:
     """Regions of the tensors of a ``torch_dist`` checkpoint, read straight from its files by
     DCP's own metadata (``.metadata``: each stored chunk's offsets, sizes, file, byte range), no
-    process group needed. A region that one stored chunk covers is that chunk's tensor as
-    ``torch.load`` returns it, narrowed, not copied into a destination as ``dist_checkpointing.load``
-    does: one buffer per tensor instead of two. Other regions are assembled from their chunks.
+    process group needed. A region that one stored chunk covers is that chunk's tensor,
+    narrowed, not copied into a destination as ``dist_checkpointing.load`` does. With ``mmap``
+    (the default) the chunk is memory-mapped from its file (:mod:`.mapped_record`): no copy at
+    all, and a consumer that keeps some rows reads only theirs; otherwise (or for a record that
+    cannot be mapped) it is ``torch.load``'s copy. Other regions are assembled from their chunks.
     """
 
-    def __init__(self, ckpt_dir: str) -> None:
+    def __init__(self, ckpt_dir: str, mmap: bool = True) -> None:
         from torch.distributed.checkpoint import FileSystemReader
 
+        self.mmap = mmap
         damage = damaged_file(ckpt_dir)  # also refuses an unreadable .metadata
         if damage is not None:
             raise CheckpointError(f"checkpoint {ckpt_dir} cannot be loaded: {damage}")
@@ -101,8 +105,12 @@ class ChunkReader:
             if info.transform_descriptors:
                 raise ValueError(f"stored with transforms {list(info.transform_descriptors)}")
             with open(path, "rb") as f:
-                return torch.load(self._reader._slice_file(f, info), map_location="cpu",
-                                  weights_only=True)  # fmt: skip
+                view = self._reader._slice_file(f, info)
+                mapped = map_tensor(path, view, int(info.offset)) if self.mmap else None
+                if mapped is not None:
+                    return mapped
+                view.seek(0)
+                return torch.load(view, map_location="cpu", weights_only=True)
         except Exception as exc:
             raise CheckpointError(
                 f"checkpoint {self.dir} cannot be loaded: {key} in {path} "

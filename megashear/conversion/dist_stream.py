@@ -256,12 +256,16 @@ def write_checkpoint(
     extra_meta: dict | None = None,
     progress: bool = True,
     extra_tensors: dict[str, torch.Tensor] | None = None,
+    read_ahead: int = 0,
 ) -> None:
     """Write a model-only megashear checkpoint, pulling each full tensor from ``get``.
 
     Args:
         get: full megatron state dict name -> tensor of :func:`full_shapes`; called about once
             per name (the last two tensors are kept for the TP slices of the same tensor).
+        read_ahead: when > 0, ``get`` runs in a background thread (:class:`ReadAhead`) that many
+            names ahead of the file writer, in the order the chunks are written, so that
+            producing the next tensors overlaps writing this one.
         dtype: the stored dtype; tensors are cast to it.
         tp, pp: the layout the chunks are cut for (any layout loads the checkpoint).
         extra_tensors: sharded key -> full tensor stored whole in its own dtype, besides the
@@ -283,14 +287,26 @@ def write_checkpoint(
     cache: dict[str, torch.Tensor] = {}
     bar = tqdm(total=len(items), desc="write megatron", unit="chunk", disable=not progress)
 
+    def name_of(item) -> str | None:  # the full tensor a model chunk is cut from
+        if item.type.name == "BYTE_IO" or item.index.fqn in extra:
+            return None
+        sk = key_of[item.index.fqn]
+        return sk.name.format(item.tensor_data.chunk.offsets[0] if sk.per_layer else None)
+
+    def checked(name: str) -> torch.Tensor:
+        t = get(name)
+        if tuple(t.shape) != shapes[name]:
+            raise ValueError(f"{name}: shape {tuple(t.shape)} does not match {shapes[name]}")
+        return t.to(dtype)
+
+    order = list(dict.fromkeys(n for n in map(name_of, items) if n is not None))
+    fetch = ReadAhead(checked, order, read_ahead, "checkpoint-write") if read_ahead else checked
+
     def full(name: str) -> torch.Tensor:
         if name not in cache:
-            t = get(name)
-            if tuple(t.shape) != shapes[name]:
-                raise ValueError(f"{name}: shape {tuple(t.shape)} does not match {shapes[name]}")
             if len(cache) >= 2:
                 cache.pop(next(iter(cache)))
-            cache[name] = t.to(dtype)
+            cache[name] = fetch(name)
         return cache[name]
 
     def produce(item):
@@ -302,10 +318,10 @@ def write_checkpoint(
         sk = key_of[item.index.fqn]
         chunk = item.tensor_data.chunk
         offsets, sizes = list(chunk.offsets), list(chunk.sizes)
-        layer = offsets.pop(0) if sk.per_layer else None
         if sk.per_layer:
+            offsets.pop(0)
             sizes.pop(0)
-        t = full(sk.name.format(layer))
+        t = full(name_of(item))
         for dim, (o, s) in enumerate(zip(offsets, sizes)):
             t = t.narrow(dim, o, s)
         return t.unsqueeze(0).contiguous() if sk.per_layer else t.contiguous()
@@ -327,6 +343,8 @@ def write_checkpoint(
             raise
         finally:
             bar.close()
+            if read_ahead:
+                fetch.close()
         _finish_checkpoint(tmp_root, ckpt, cfg, dtype, tp, pp, extra_meta)
 
     publish_dir(save_dir, fill)
@@ -353,6 +371,43 @@ def _finish_checkpoint(
 
 
 PREFETCH_DEPTH = 3  # tensors read ahead: a norm, qkv and proj, or a norm, fc1 and fc2
+
+
+class ReadAhead:
+    """``get(name)`` computed in one background thread, ``depth`` names ahead of the caller,
+    for a caller that asks for ``order`` in that order.
+
+    Every call of ``get`` runs in that one thread, one at a time, so ``get`` need not be
+    thread-safe; file reads, numpy and torch ops release the GIL, so the caller's own work (a
+    write, the previous tensor's maths) overlaps the next ``get``. At most ``depth + 1`` results
+    are alive. A name outside ``order``, or asked out of order, is computed when asked (the same
+    result; what was computed ahead waits, or is computed again). An error of ``get`` is raised
+    to the caller that asks for that name.
+    """
+
+    def __init__(
+        self, get: Callable[[str], torch.Tensor], order: list[str], depth: int, name: str
+    ) -> None:
+        self._get, self._names, self._depth = get, list(order), depth
+        self._at = {n: i for i, n in enumerate(self._names)}
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix=name)
+        self._pending: dict[str, Future] = {}
+        if self._names:
+            self._pending[self._names[0]] = self._pool.submit(get, self._names[0])
+
+    def __call__(self, name: str) -> torch.Tensor:
+        future = self._pending.pop(name, None) or self._pool.submit(self._get, name)
+        at = self._at.get(name)
+        if at is not None:  # keep the next names on their way while the caller waits or works
+            for nxt in self._names[at + 1 : at + 1 + self._depth]:
+                if nxt not in self._pending:
+                    self._pending[nxt] = self._pool.submit(self._get, nxt)
+        return future.result()
+
+    def close(self) -> None:
+        """Stop the thread; pending work is dropped."""
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._pending = {}
 
 
 class CheckpointReader:
@@ -389,9 +444,7 @@ class CheckpointReader:
         self.dtype = dtype or self.stored_dtype
         self.shapes = full_shapes(self.cfg)
         self._tensors: dict[str, torch.Tensor] = {}
-        self._order: dict[str, int] = {}  # prefetch mode: name -> its place in the read order
-        self._pending: dict[str, Future] = {}
-        self._pool: ThreadPoolExecutor | None = None
+        self._ahead: ReadAhead | None = None  # prefetch mode
 
     def _read(self, sk: ShardedKey, layer: int | None) -> torch.Tensor:
         name = sk.name.format(layer)
@@ -428,38 +481,24 @@ class CheckpointReader:
 
     def prefetch(self, names: list[str]) -> None:
         """Switch to reading one tensor at a time in the order ``names`` (the order they will be
-        asked for), :data:`PREFETCH_DEPTH` ahead of the caller in a background thread: while the
-        caller works on one tensor, the next ones are read (file reads and torch ops release the
-        GIL). Memory holds the current tensor and those ahead. A name outside ``names`` is read
-        when asked; asking out of order costs memory (what was read ahead waits), not results."""
-        self._order = {n: i for i, n in enumerate(names)}
-        self._names = list(names)
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="checkpoint-read")
+        asked for), :data:`PREFETCH_DEPTH` ahead of the caller in a background thread
+        (:class:`ReadAhead`). Memory holds the current tensor and those ahead. A name outside
+        ``names`` is read when asked; asking out of order costs memory or time, not results."""
         self._tensors = {}
-        if names:
-            self._pending[names[0]] = self._pool.submit(self._read_name, names[0])
+        self._ahead = ReadAhead(self._read_name, names, PREFETCH_DEPTH, "checkpoint-read")
 
     def close(self) -> None:
         """Stop the prefetching thread (pending reads are dropped)."""
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-            self._pool, self._pending = None, {}
-
-    def _prefetched(self, name: str) -> torch.Tensor:
-        self._tensors = {}  # the caller is done with the previous tensor
-        future = self._pending.pop(name, None)
-        t = future.result() if future is not None else self._read_name(name)
-        at = self._order.get(name)
-        if at is not None:  # keep the next PREFETCH_DEPTH tensors on their way
-            for nxt in self._names[at + 1 : at + 1 + PREFETCH_DEPTH]:
-                if nxt not in self._pending:
-                    self._pending[nxt] = self._pool.submit(self._read_name, nxt)
-        self._tensors = {name: t}
-        return t
+        if self._ahead is not None:
+            self._ahead.close()
+            self._ahead = None
 
     def __call__(self, name: str) -> torch.Tensor:
-        if self._pool is not None:
-            return self._tensors[name] if name in self._tensors else self._prefetched(name)
+        if self._ahead is not None:
+            if name not in self._tensors:
+                self._tensors = {}  # the caller is done with the previous tensor
+                self._tensors = {name: self._ahead(name)}
+            return self._tensors[name]
         if name not in self._tensors:
             _, layer = self._sharded_key(name)
             self._load(layer, None if layer is not None else name)

@@ -220,6 +220,9 @@ def _take(w: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(np.take(bits, index.numpy(), axis=1)).view(w.dtype)
 
 
+SCALE_BLOCK = 1 << 22  # elements of low-precision weights scaled at a time (16 MB of fp32)
+
+
 def _scale(
     w: torch.Tensor,
     s: torch.Tensor | float | None,
@@ -228,22 +231,30 @@ def _scale(
     then_dim: int = 0,
 ) -> torch.Tensor:
     """``w`` times ``s`` along ``dim`` (then times ``then`` along ``then_dim``), computed in fp32
-    or better, so that low-precision weights are rounded once, at the end."""
+    or better, so that low-precision weights are rounded once, at the end. Rows are scaled
+    :data:`SCALE_BLOCK` elements at a time, so the fp32 copy of a bf16 embedding never exists
+    whole; every element gets the same two multiplications either way."""
     if s is None and then is None:
         return w
     compute = w.dtype if w.dtype in (torch.float32, torch.float64) else torch.float32
 
-    def view(v: torch.Tensor, d: int) -> torch.Tensor:
+    def view(v: torch.Tensor | float | None, d: int) -> torch.Tensor | float | None:
+        if v is None or isinstance(v, float):
+            return v
         shape = [1] * w.dim()
         shape[d] = -1
         return v.to(device=w.device, dtype=compute).view(shape)
 
-    out = w if w.dtype == compute else w.to(compute)
-    if s is not None:
-        out = out * (s if isinstance(s, float) else view(s, dim))
-    if then is not None:
-        out = out * view(then, then_dim)
-    return out if out.dtype == w.dtype else out.to(w.dtype)
+    factors = [f for f in (view(s, dim), view(then, then_dim)) if f is not None]
+    out = torch.empty_like(w)
+    step = max(1, SCALE_BLOCK // max(1, w[0].numel())) if w.dim() > 1 else w.shape[0]
+    for a in range(0, w.shape[0], step):
+        block = w[a : a + step].to(compute, copy=True)  # [rows, ...]
+        for f in factors:
+            per_row = isinstance(f, torch.Tensor) and f.shape[0] != 1
+            block.mul_(f[a : a + step] if per_row else f)
+        out[a : a + step] = block
+    return out
 
 
 def finalize_layer_weight(

@@ -1,0 +1,84 @@
+"""torch.save records memory-mapped from a byte range (checkpoint.mapped_record), and the
+background ReadAhead of the streaming reader and writer (conversion.dist_stream)."""
+
+from __future__ import annotations
+
+import io
+import threading
+
+import pytest
+import torch
+
+from megashear.checkpoint.mapped_record import map_tensor
+from megashear.conversion.dist_stream import ReadAhead
+
+TENSORS = {
+    "bf16 matrix": torch.randn(5, 7).to(torch.bfloat16),
+    "transposed view": torch.randn(3, 4, 5)[1:].transpose(1, 2),
+    "int64 vector": torch.arange(10),
+    "column slice (whole storage saved)": torch.randn(4, 6)[:, 1:3],
+    "bool": torch.rand(3, 3) > 0.5,
+}
+
+
+def _saved_at_offsets(path, objects) -> list[tuple[int, int]]:
+    ranges = []
+    with open(path, "wb") as f:
+        f.write(b"x" * 13)  # records start at odd offsets, as inside a .distcp file
+        for obj in objects:
+            start = f.tell()
+            torch.save(obj, f)
+            ranges.append((start, f.tell()))
+    return ranges
+
+
+def _view(path, start, end) -> io.BytesIO:
+    with open(path, "rb") as f:
+        f.seek(start)
+        return io.BytesIO(f.read(end - start))
+
+
+def test_a_mapped_record_equals_torch_load(tmp_path):
+    path = str(tmp_path / "records")
+    ranges = _saved_at_offsets(path, TENSORS.values())
+    for (name, t), (start, end) in zip(TENSORS.items(), ranges):
+        mapped = map_tensor(path, _view(path, start, end), start)
+        assert mapped is not None, name
+        assert mapped.dtype == t.dtype and mapped.shape == t.shape and torch.equal(mapped, t)
+        mapped.add_(1) if t.dtype != torch.bool else mapped.logical_not_()  # copy-on-write
+    for (name, t), (start, end) in zip(TENSORS.items(), ranges):
+        assert torch.equal(torch.load(_view(path, start, end), weights_only=True), t), name
+
+
+@pytest.mark.parametrize(
+    "obj",
+    [{"a": torch.zeros(2)}, [torch.zeros(2), torch.ones(2)], torch.zeros(0, 3),
+     torch.zeros(2, requires_grad=True)],
+    ids=["dict", "two tensors", "empty", "requires_grad"],
+)  # fmt: skip
+def test_anything_but_one_plain_tensor_is_left_to_torch_load(tmp_path, obj):
+    path = str(tmp_path / "records")
+    ((start, end),) = _saved_at_offsets(path, [obj])
+    assert map_tensor(path, _view(path, start, end), start) is None
+
+
+def test_read_ahead_runs_get_in_one_thread_in_order_and_raises_where_asked():
+    calls, threads = [], set()
+
+    def get(name):
+        calls.append(name)
+        threads.add(threading.get_ident())
+        if name == "bad":
+            raise ValueError("bad tensor")
+        return torch.tensor(float(len(name)))
+
+    ahead = ReadAhead(get, ["a", "bb", "bad", "cccc"], depth=1, name="test-ahead")
+    try:
+        assert ahead("a").item() == 1 and ahead("bb").item() == 2
+        with pytest.raises(ValueError, match="bad tensor"):
+            ahead("bad")
+        assert ahead("cccc").item() == 4 and ahead("other").item() == 5  # outside the order
+    finally:
+        ahead.close()
+    assert calls == ["a", "bb", "bad", "cccc", "other"]
+    assert threads and threading.get_ident() not in threads and len(threads) == 1

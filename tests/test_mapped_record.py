@@ -42,7 +42,7 @@ def test_a_mapped_record_equals_torch_load(tmp_path):
     path = str(tmp_path / "records")
     ranges = _saved_at_offsets(path, TENSORS.values())
     for (name, t), (start, end) in zip(TENSORS.items(), ranges):
-        mapped = map_tensor(path, _view(path, start, end), start)
+        mapped = map_tensor(path, start, end - start)
         assert mapped is not None, name
         assert mapped.dtype == t.dtype and mapped.shape == t.shape and torch.equal(mapped, t)
         mapped.add_(1) if t.dtype != torch.bool else mapped.logical_not_()  # copy-on-write
@@ -59,7 +59,7 @@ def test_a_mapped_record_equals_torch_load(tmp_path):
 def test_anything_but_one_plain_tensor_is_left_to_torch_load(tmp_path, obj):
     path = str(tmp_path / "records")
     ((start, end),) = _saved_at_offsets(path, [obj])
-    assert map_tensor(path, _view(path, start, end), start) is None
+    assert map_tensor(path, start, end - start) is None
 
 
 def test_read_ahead_runs_get_in_one_thread_in_order_and_raises_where_asked():
@@ -82,3 +82,28 @@ def test_read_ahead_runs_get_in_one_thread_in_order_and_raises_where_asked():
         ahead.close()
     assert calls == ["a", "bb", "bad", "cccc", "other"]
     assert threads and threading.get_ident() not in threads and len(threads) == 1
+
+
+def test_a_checkpoint_written_by_the_streaming_writer_is_read_mapped(tmp_path, monkeypatch):
+    import megashear.checkpoint.dist_files as dist_files
+    from megashear.checkpoint.format import iteration_dir
+    from megashear.conversion.dist_stream import full_shapes, write_checkpoint
+    from megashear.model_config import get_preset
+
+    cfg = get_preset("tiny-gqa")
+    gen = torch.Generator().manual_seed(0)
+    weights = {n: torch.randn(s, generator=gen) for n, s in full_shapes(cfg).items()}
+    write_checkpoint(str(tmp_path / "ck"), cfg, weights.__getitem__, torch.bfloat16, tp=2,
+                     progress=False)  # fmt: skip
+    mapped = []
+    real = dist_files.map_tensor
+    monkeypatch.setattr(
+        dist_files, "map_tensor", lambda *a: mapped.append(real(*a) is not None) or real(*a)
+    )
+    ckpt = iteration_dir(str(tmp_path / "ck"), 0)
+    on, off = dist_files.ChunkReader(ckpt), dist_files.ChunkReader(ckpt, mmap=False)
+    for key, md in on.tensors.items():
+        size = list(md.size)
+        a, b = on.region(key, [0] * len(size), size), off.region(key, [0] * len(size), size)
+        assert a.dtype == b.dtype and torch.equal(a, b), key
+    assert mapped and all(mapped)

@@ -104,13 +104,13 @@ class ChunkReader:
         try:
             if info.transform_descriptors:
                 raise ValueError(f"stored with transforms {list(info.transform_descriptors)}")
-            with open(path, "rb") as f:
-                view = self._reader._slice_file(f, info)
-                mapped = map_tensor(path, view, int(info.offset)) if self.mmap else None
+            if self.mmap:
+                mapped = map_tensor(path, int(info.offset), int(info.length))
                 if mapped is not None:
                     return mapped
-                view.seek(0)
-                return torch.load(view, map_location="cpu", weights_only=True)
+            with open(path, "rb") as f:
+                return torch.load(self._reader._slice_file(f, info), map_location="cpu",
+                                  weights_only=True)  # fmt: skip
         except Exception as exc:
             raise CheckpointError(
                 f"checkpoint {self.dir} cannot be loaded: {key} in {path} "

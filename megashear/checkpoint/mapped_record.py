@@ -107,12 +107,41 @@ def _plan(view: IO[bytes]) -> tuple[int, torch.dtype, int, tuple, tuple, int]:
     return data, dtype, numel, tuple(size), tuple(stride), int(offset)
 
 
-def map_tensor(path: str, view: IO[bytes], start: int) -> torch.Tensor | None:
-    """The tensor ``torch.save`` wrote at byte ``start`` of ``path`` (``view``: a seekable
-    stream of that archive alone, position 0 = ``start``), memory-mapped; None when the archive
-    is not one plain tensor (then ``torch.load(view)`` reads it)."""
+class _Range(io.RawIOBase):
+    """Bytes ``[start, start + length)`` of an open file as a seekable stream of their own."""
+
+    def __init__(self, f: IO[bytes], start: int, length: int) -> None:
+        self._f, self._start, self._len, self._pos = f, start, length, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._len}[whence]
+        self._pos = min(max(base + offset, 0), self._len)
+        return self._pos
+
+    def read(self, size: int = -1) -> bytes:
+        n = self._len - self._pos if size is None or size < 0 else min(size, self._len - self._pos)
+        self._f.seek(self._start + self._pos)
+        data = self._f.read(n)
+        self._pos += len(data)
+        return data
+
+
+def map_tensor(path: str, start: int, length: int) -> torch.Tensor | None:
+    """The tensor ``torch.save`` wrote at bytes ``[start, start + length)`` of ``path``,
+    memory-mapped; None when that archive is not one plain tensor (then ``torch.load`` reads
+    it)."""
     try:
-        data, dtype, numel, size, stride, offset = _plan(view)
+        with open(path, "rb") as f:
+            data, dtype, numel, size, stride, offset = _plan(_Range(f, start, length))
     except (_NotMappable, zipfile.BadZipFile, pickle.UnpicklingError, ValueError, TypeError):
         return None
     extent = offset + sum((n - 1) * s for n, s in zip(size, stride)) + 1

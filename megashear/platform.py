@@ -504,7 +504,7 @@ def _patch_rope_tables() -> None:
         rope_utils._apply_rotary_pos_emb_bshd = _rope_bshd
 
 
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8  # glibc's mallopt (malloc.h)
 HEAP_BLOCK_LIMIT = 1 << 30  # blocks up to this size come from the heap, not a fresh mmap
 
 
@@ -520,9 +520,6 @@ def _glibc():
         return None
 
 
-_M_ARENA_MAX = -8
-
-
 def keep_freed_host_memory(single_arena: bool = False) -> bool:
     """Make glibc's ``malloc`` serve blocks up to :data:`HEAP_BLOCK_LIMIT` from the heap and
     keep freed heap memory in the process (the ``host_allocator`` patch; see the module
@@ -530,8 +527,8 @@ def keep_freed_host_memory(single_arena: bool = False) -> bool:
     ``single_arena`` every thread shares the main arena (``M_ARENA_MAX`` 1): a process whose
     helper threads allocate tensors would otherwise keep freed memory once per thread's arena.
     Call it before those threads start. Host memory is the same with or without CUDA, so this
-    is not a CPU-mode patch by itself. Returns False (and changes nothing) where the C library
-    is not glibc or refuses."""
+    is not a CPU-mode patch by itself. Returns False where the C library is not glibc (then
+    nothing changes) or glibc refuses a setting (the ones before it stay)."""
     libc = _glibc()
     if libc is None:
         logger.debug("host_allocator: not glibc, malloc left as it is")

@@ -91,7 +91,8 @@ def test_unknown_patch_name_is_refused():
 
 @pytest.mark.skipif(platform.cuda_available(), reason="CPU patches are inactive with CUDA")
 def test_training_only_patches_wait_for_a_trainer():
-    """A converter or ``finalize`` (no ``training=True``) keeps glibc's malloc as it is."""
+    """``install_cpu_support`` without ``training=True`` (a converter) keeps glibc's malloc as
+    it is; ``megashear finalize`` sets its own (:func:`platform.keep_freed_host_memory`)."""
     code = (
         "import json; from megashear import platform;"
         "first = platform.install_cpu_support();"
@@ -107,3 +108,29 @@ def test_training_only_patches_wait_for_a_trainer():
     assert training_only == ["host_allocator"]
     assert first == [name for name in PATCHES if name not in training_only]
     assert second == ["cuda_namespace", *training_only]
+
+
+class _FakeGlibc:
+    def __init__(self, refuse: int | None = None) -> None:
+        self.calls: list[tuple[int, int]] = []
+        self.refuse = refuse
+
+    def mallopt(self, param: int, value: int) -> int:
+        self.calls.append((param, value))
+        return 0 if param == self.refuse else 1
+
+
+def test_keep_freed_host_memory_sets_heap_trim_and_one_arena(monkeypatch):
+    mmap_threshold, trim_threshold, arena_max = -3, -1, -8  # glibc's malloc.h
+    libc = _FakeGlibc()
+    monkeypatch.setattr(platform, "_glibc", lambda: libc)
+    assert platform.keep_freed_host_memory() is True
+    assert libc.calls == [(mmap_threshold, platform.HEAP_BLOCK_LIMIT), (trim_threshold, -1)]
+    libc.calls.clear()
+    assert platform.keep_freed_host_memory(single_arena=True) is True
+    assert libc.calls[-1] == (arena_max, 1) and len(libc.calls) == 3
+    refusing = _FakeGlibc(refuse=arena_max)
+    monkeypatch.setattr(platform, "_glibc", lambda: refusing)
+    assert platform.keep_freed_host_memory(single_arena=True) is False
+    monkeypatch.setattr(platform, "_glibc", lambda: None)
+    assert platform.keep_freed_host_memory(single_arena=True) is False

@@ -283,13 +283,13 @@ def write_checkpoint(
     Args:
         get: full megatron state dict name -> tensor of :func:`full_shapes`; called about once
             per name (the last two tensors are kept for the TP slices of the same tensor).
-        read_ahead: when > 0, ``get`` runs in a background thread (:class:`ReadAhead`) that many
-            names ahead of the file writer, in the order the chunks are written, so that
-            producing the next tensors overlaps writing this one.
         dtype: the stored dtype; tensors are cast to it.
         tp, pp: the layout the chunks are cut for (any layout loads the checkpoint).
         extra_tensors: sharded key -> full tensor stored whole in its own dtype, besides the
             model's (e.g. the ``mask_bank.*_log_alpha`` of a pruning checkpoint).
+        read_ahead: when > 0, ``get`` runs in a background thread (:class:`ReadAhead`) that many
+            names ahead of the file writer, in the order the chunks are written, so that
+            producing the next tensors overlaps writing this one.
 
     Raises:
         CheckpointError: the output exists without ``overwrite``.
@@ -319,8 +319,10 @@ def write_checkpoint(
             raise ValueError(f"{name}: shape {tuple(t.shape)} does not match {shapes[name]}")
         return t.to(dtype)
 
-    order = list(dict.fromkeys(n for n in map(name_of, items) if n is not None))
-    fetch = ReadAhead(checked, order, read_ahead, "checkpoint-write") if read_ahead else checked
+    fetch = checked
+    if read_ahead:
+        order = list(dict.fromkeys(n for n in map(name_of, items) if n is not None))
+        fetch = ReadAhead(checked, order, read_ahead, "checkpoint-write")
 
     def full(name: str) -> torch.Tensor:
         if name not in cache:

@@ -33,11 +33,12 @@ patches, each a few lines, each recorded in :data:`PATCHES` with the failure it 
     the calling process, one after the other, into a plain in-process queue: no child process
     exists to outlive its parent. The checkpoint files are byte-for-byte the same.
 
-Five more patches are for speed, not correctness. Four replace megatron-core's fallbacks
+Six more patches are for speed, not correctness. Five replace megatron-core's fallbacks
 without TE or apex: a per-tensor Python loop for the gradient norm, ``torch.optim.AdamW``
 without ``fused`` or ``foreach`` (on CPU torch's single-tensor for-loop), weight gradients
-computed apart and then added into DDP's ``main_grad``, and RoPE recomputing its tables and
-copying q and k. The fifth tunes the host allocator:
+computed apart and then added into DDP's ``main_grad``, RoPE recomputing its tables and
+copying q and k, and the zero-filled dummy gradient of a tied embedding. The sixth tunes the
+host allocator:
 
 ``foreach_grad_norm``
     the gradient norm with one ``torch._foreach_norm`` over all gradients (megatron's local
@@ -60,6 +61,18 @@ copying q and k. The fifth tunes the host allocator:
     computes the tables once per frequency tensor (megatron-core caches that tensor) and skips
     the concatenation; the values are bit-identical. Partial RoPE, MLA and learnt frequencies
     go to megatron-core's function unchanged.
+``tied_embedding_wgrad``
+    With tied embeddings on one pipeline stage (SmolLM2, LLaMA3.2), megatron marks the shared
+    ``[v/tp, h]`` weight ``zero_out_wgrad``: every backward, the output layer, which has
+    already accumulated its wgrad into ``main_grad``, hands autograd a fresh ``torch.zeros``
+    of the weight's size (TE keeps one such buffer; without TE it is allocated each time),
+    autograd adds it to the embedding's dense gradient, and DDP's hook adds that sum into
+    ``main_grad``: a 113 MB zero fill and two 113 MB additions per SmolLM2-135M micro-batch.
+    The patch marks the weight ``embedding_wgrad_into_main_grad`` instead (under
+    gradient-accumulation fusion, outside ``deterministic_mode``), so the output layer's dummy
+    is megatron's uninitialised ``torch.empty``, which DDP's hook skips, and the embedding's
+    backward index-adds its rows into ``main_grad`` itself (:class:`_EmbeddingIntoMainGrad`).
+    The weight's DDP hook still runs after both, once per micro-batch.
 ``host_allocator``
     On CPU every activation comes from glibc's ``malloc``, which serves blocks above its
     (dynamic, at most 32 MiB) mmap threshold with a fresh ``mmap`` and returns freed memory at
@@ -504,6 +517,90 @@ def _patch_rope_tables() -> None:
         rope_utils._apply_rotary_pos_emb_bshd = _rope_bshd
 
 
+class _EmbeddingIntoMainGrad(torch.autograd.Function):
+    """``F.embedding(ids, weight)`` whose backward index-adds the weight gradient straight into
+    ``weight.main_grad`` (DDP's fp32 buffer) and hands autograd none.
+
+    ids ``[b, s]`` (any shape), weight ``[v/tp, h]`` -> ``[b, s, h]``. Without ``main_grad``
+    (a weight DDP does not own) it returns the plain dense gradient instead."""
+
+    @staticmethod
+    def forward(ctx, ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(ids)
+        ctx.weight = weight
+        return torch.nn.functional.embedding(ids, weight)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (ids,) = ctx.saved_tensors
+        weight = ctx.weight
+        rows = grad.reshape(-1, grad.shape[-1])  # [b*s, h]
+        main_grad = getattr(weight, "main_grad", None)
+        if main_grad is None:
+            return None, torch.zeros_like(weight).index_add_(0, ids.reshape(-1), rows)
+        main_grad.index_add_(0, ids.reshape(-1), rows.to(main_grad.dtype))
+        return None, None
+
+
+class _FunctionalWithMainGradEmbedding(types.ModuleType):
+    """``torch.nn.functional`` for megatron's ``tensor_parallel.layers``: ``embedding`` of a
+    weight marked ``embedding_wgrad_into_main_grad`` goes through
+    :class:`_EmbeddingIntoMainGrad` while gradients are recorded."""
+
+    def __init__(self) -> None:
+        super().__init__("torch.nn.functional(main_grad embedding)")
+
+    @staticmethod
+    def embedding(ids: torch.Tensor, weight: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if (
+            not args
+            and not kwargs
+            and getattr(weight, "embedding_wgrad_into_main_grad", False)
+            and weight.requires_grad
+            and torch.is_grad_enabled()
+        ):
+            return _EmbeddingIntoMainGrad.apply(ids, weight)
+        return torch.nn.functional.embedding(ids, weight, *args, **kwargs)
+
+    def __getattr__(self, name: str):
+        return getattr(torch.nn.functional, name)
+
+
+def _setup_tied_weight(setup: Callable) -> Callable:
+    """Wrap ``LanguageModule.setup_embeddings_and_output_layer``: where megatron marks the
+    shared embedding / output weight ``zero_out_wgrad`` (both on one pipeline stage), mark it
+    ``embedding_wgrad_into_main_grad`` instead, under gradient-accumulation fusion."""
+
+    @functools.wraps(setup)
+    def wrapper(self, *args, **kwargs):
+        result = setup(self, *args, **kwargs)
+        config = self.config
+        weight = self.shared_embedding_or_output_weight() if self.pre_process else None
+        if (
+            weight is not None
+            and getattr(weight, "zero_out_wgrad", False)
+            and config.gradient_accumulation_fusion
+            and not config.deterministic_mode
+        ):
+            weight.zero_out_wgrad = False  # the output layer's dummy wgrad: torch.empty
+            weight.embedding_wgrad_into_main_grad = True
+        return result
+
+    wrapper.megashear_tied_weight = True
+    return wrapper
+
+
+def _patch_tied_embedding_wgrad() -> None:
+    from megatron.core.models.common.language_module.language_module import LanguageModule
+    from megatron.core.tensor_parallel import layers
+
+    if not isinstance(layers.F, _FunctionalWithMainGradEmbedding):
+        layers.F = _FunctionalWithMainGradEmbedding()
+    setup = LanguageModule.setup_embeddings_and_output_layer
+    if not getattr(setup, "megashear_tied_weight", False):
+        LanguageModule.setup_embeddings_and_output_layer = _setup_tied_weight(setup)
+
+
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8  # glibc's mallopt (malloc.h)
 HEAP_BLOCK_LIMIT = 1 << 30  # blocks up to this size come from the heap, not a fresh mmap
 
@@ -618,6 +715,12 @@ PATCHES: tuple[Patch, ...] = (
         "rope_tables",
         _patch_rope_tables,
         "cos/sin of the rotary frequencies per layer and call, and a copy of q and k (speed)",
+    ),
+    Patch(
+        "tied_embedding_wgrad",
+        _patch_tied_embedding_wgrad,
+        "a zero-filled [v, h] dummy gradient and two [v, h] additions per step for tied "
+        "embeddings (speed)",
     ),
     Patch(
         "host_allocator",

@@ -142,6 +142,56 @@ def probe_rope_tables():
     )
 
 
+def probe_tied_embedding_wgrad():
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from megashear.config import ParallelConfig
+    from megashear.model_config import ModelConfig
+    from megashear.models.llama import build_model_chunk, build_transformer_config
+
+    cfg = ModelConfig(1, 16, 2, 2, 32, 64, seq_length=8, tie_word_embeddings=True)
+    tconfig = build_transformer_config(cfg, ParallelConfig())
+    model = DistributedDataParallel(
+        tconfig,
+        DistributedDataParallelConfig(grad_reduce_in_fp32=True),
+        build_model_chunk(cfg, tconfig),
+    )
+    weight = model.module.embedding.word_embeddings.weight  # [v, h], shared with the output
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 64, (2, 8), generator=gen)  # [b, s]
+    position_ids = torch.arange(8).expand(2, 8)
+
+    class FullSizeOps(TorchDispatchMode):
+        """Counts ops that write a fresh tensor of the embedding's shape."""
+
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if isinstance(out, torch.Tensor) and tuple(out.shape) == tuple(weight.shape):
+                self.names.append(func.overloadpacket.__name__)
+            return out
+
+    def main_grad_of_one_step(ops=None):
+        model.zero_grad_buffer()
+        with ops if ops is not None else torch.enable_grad():
+            model(tokens, position_ids, None, labels=tokens).sum().backward()
+        return weight.main_grad.clone()
+
+    ops = FullSizeOps()
+    fast = main_grad_of_one_step(ops)
+    marked = getattr(weight, "embedding_wgrad_into_main_grad", False)
+    weight.embedding_wgrad_into_main_grad, weight.zero_out_wgrad = False, True  # megatron's path
+    reference = main_grad_of_one_step()
+    weight.embedding_wgrad_into_main_grad, weight.zero_out_wgrad = marked, not marked
+    assert torch.allclose(fast, reference, atol=1e-5), "the tied weight's gradient differs"
+    slow = [n for n in ops.names if n in ("zeros", "zero_", "fill_", "add", "add_", "new_zeros")]
+    assert not slow, f"slow path: [v, h] tensors written per backward: {slow}"
+
+
 def probe_host_allocator():
     import resource
 

@@ -20,6 +20,7 @@ SPEED_PATCHES = {
     "fused_adam",
     "wgrad_accumulation",
     "rope_tables",
+    "tied_embedding_wgrad",
     "host_allocator",
 }
 PROCESS_PATCHES = {"checkpoint_writer"}

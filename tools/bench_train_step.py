@@ -3,8 +3,9 @@
 
 Both train the same LLaMA shape on the same batch in one process, fp32 on CPU; steps alternate
 between the two so that machine noise hits both alike. Prints the median step times, their
-ratio (goal: megashear / transformers <= 1.0), and the achieved FLOP/s of each against this
-machine's fp32 matmul peak measured in the same run.
+ratio (goal: megashear / transformers <= 1.0), the spread of the ratio within each pair of
+neighbouring steps, and the achieved FLOP/s of each against this machine's fp32 matmul peak
+measured in the same run.
 
     python tools/bench_train_step.py [--layers 8 --hidden 512 --seq 256 --batch 4 --steps 5]
     python tools/bench_train_step.py --preset smollm2-135m [--profile]
@@ -173,6 +174,11 @@ def main() -> None:
     print(f"megashear TP1PP1 step      : {ms:.3f} s  ({flops / ms / 1e9:.1f} GFLOP/s)")
     print(f"transformers + AdamW step  : {hft:.3f} s  ({flops / hft / 1e9:.1f} GFLOP/s)")
     print(f"ratio megashear/transformers: {ms / hft:.3f}  (goal <= 1.0)")
+    paired = [m / h for m, h in zip(ms_times, hf_times)]
+    print(
+        f"ratio of each step pair     : median {statistics.median(paired):.3f}, "
+        f"{min(paired):.3f}-{max(paired):.3f} over {len(paired)} pairs"
+    )
     print(
         f"fp32 matmul peak            : {peak / 1e9:.1f} GFLOP/s; megashear reaches "
         f"{100 * flops / ms / peak:.0f}% of it, transformers {100 * flops / hft / peak:.0f}%"

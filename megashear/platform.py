@@ -33,12 +33,12 @@ patches, each a few lines, each recorded in :data:`PATCHES` with the failure it 
     the calling process, one after the other, into a plain in-process queue: no child process
     exists to outlive its parent. The checkpoint files are byte-for-byte the same.
 
-Six more patches are for speed, not correctness. Five replace megatron-core's fallbacks
+Seven more patches are for speed, not correctness. Five replace megatron-core's fallbacks
 without TE or apex: a per-tensor Python loop for the gradient norm, ``torch.optim.AdamW``
 without ``fused`` or ``foreach`` (on CPU torch's single-tensor for-loop), weight gradients
 computed apart and then added into DDP's ``main_grad``, RoPE recomputing its tables and
-copying q and k, and the zero-filled dummy gradient of a tied embedding. The sixth tunes the
-host allocator:
+copying q and k, and the zero-filled dummy gradient of a tied embedding. The sixth lays out
+DDP's gradient buffer, the seventh tunes the host allocator:
 
 ``foreach_grad_norm``
     the gradient norm with one ``torch._foreach_norm`` over all gradients (megatron's local
@@ -73,6 +73,15 @@ host allocator:
     is megatron's uninitialised ``torch.empty``, which DDP's hook skips, and the embedding's
     backward index-adds its rows into ``main_grad`` itself (:class:`_EmbeddingIntoMainGrad`).
     The weight's DDP hook still runs after both, once per micro-batch.
+``aligned_grad_buffer``
+    Without the distributed optimizer, megatron packs every parameter's ``main_grad`` back to
+    back in DDP's buffer, in reverse parameter order. A pruning model's masks (46,956 log α
+    at the SmolLM2-135M shape, 12 elements past a 64-byte multiple) are registered last, so
+    they come first and put every weight's ``main_grad`` 48 bytes off a 64-byte boundary; each
+    in-place weight-gradient GEMM then ran 10-30% slower (about 0.58 s of a pruning step's
+    0.83 s of overhead). The patch hands the buffer the parameters whose size is not a
+    multiple of 16 elements first, so they land at its end. The gradients are the same
+    numbers; only their places in the buffer move.
 ``host_allocator``
     On CPU every activation comes from glibc's ``malloc``, which serves blocks above its
     (dynamic, at most 32 MiB) mmap threshold with a fresh ``mmap`` and returns freed memory at
@@ -601,6 +610,42 @@ def _patch_tied_embedding_wgrad() -> None:
         LanguageModule.setup_embeddings_and_output_layer = _setup_tied_weight(setup)
 
 
+GRAD_ALIGN = 16  # elements: a 64-byte boundary in an fp32 gradient buffer
+
+
+def _aligned_grad_buffer(init: Callable) -> Callable:
+    """Wrap ``_ParamAndGradBuffer.__init__``: without the distributed optimizer (which pads
+    every start itself), hand it the parameters whose size is not a multiple of
+    :data:`GRAD_ALIGN` first. The buffer is filled in reverse order, so they land at its end
+    and every other parameter's ``main_grad`` starts on a 64-byte boundary."""
+    import inspect
+
+    signature = inspect.signature(init)
+
+    @functools.wraps(init)
+    def wrapper(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        params = bound.arguments["params"]
+        if not bound.arguments["ddp_config"].use_distributed_optimizer:
+            order = sorted(range(len(params)), key=lambda i: params[i].numel() % GRAD_ALIGN == 0)
+            bound.arguments["params"] = [params[i] for i in order]
+            indices = bound.arguments.get("param_indices")
+            if indices is not None:
+                bound.arguments["param_indices"] = [indices[i] for i in order]
+        return init(*bound.args, **bound.kwargs)
+
+    wrapper.megashear_aligned = True
+    return wrapper
+
+
+def _patch_aligned_grad_buffer() -> None:
+    from megatron.core.distributed import param_and_grad_buffer
+
+    buffer = param_and_grad_buffer._ParamAndGradBuffer
+    if not getattr(buffer.__init__, "megashear_aligned", False):
+        buffer.__init__ = _aligned_grad_buffer(buffer.__init__)
+
+
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8  # glibc's mallopt (malloc.h)
 HEAP_BLOCK_LIMIT = 1 << 30  # blocks up to this size come from the heap, not a fresh mmap
 
@@ -721,6 +766,12 @@ PATCHES: tuple[Patch, ...] = (
         _patch_tied_embedding_wgrad,
         "a zero-filled [v, h] dummy gradient and two [v, h] additions per step for tied "
         "embeddings (speed)",
+    ),
+    Patch(
+        "aligned_grad_buffer",
+        _patch_aligned_grad_buffer,
+        "weight gradients accumulated into main_grad off a 64-byte boundary, after the "
+        "pruning masks' odd-sized parameters (speed)",
     ),
     Patch(
         "host_allocator",

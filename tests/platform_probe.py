@@ -192,6 +192,27 @@ def probe_tied_embedding_wgrad():
     assert not slow, f"slow path: [v, h] tensors written per backward: {slow}"
 
 
+def probe_aligned_grad_buffer():
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    from megashear.config import ParallelConfig
+    from megashear.model_config import ModelConfig
+    from megashear.models.llama import build_model_chunk, build_transformer_config
+
+    cfg = ModelConfig(1, 16, 2, 2, 32, 64, seq_length=8)
+    tconfig = build_transformer_config(cfg, ParallelConfig())
+    chunk = build_model_chunk(cfg, tconfig)
+    chunk.odd = torch.nn.Module()  # registered last, like a pruning model's mask bank
+    chunk.odd.log_alpha = torch.nn.Parameter(torch.zeros(3))
+    model = DistributedDataParallel(
+        tconfig, DistributedDataParallelConfig(grad_reduce_in_fp32=True), chunk
+    )
+    sized = [p for p in model.module.parameters() if p.numel() % 16 == 0]
+    off = [p for p in sized if p.main_grad.data_ptr() % 64]
+    assert all(p.main_grad.shape == p.shape for p in model.module.parameters())
+    assert not off, f"slow path: {len(off)} of {len(sized)} main_grads start off a 64-byte boundary"
+
+
 def probe_host_allocator():
     import resource
 

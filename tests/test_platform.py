@@ -21,6 +21,7 @@ SPEED_PATCHES = {
     "wgrad_accumulation",
     "rope_tables",
     "tied_embedding_wgrad",
+    "aligned_grad_buffer",
     "host_allocator",
 }
 PROCESS_PATCHES = {"checkpoint_writer"}

@@ -76,7 +76,7 @@ DDP's gradient buffer, the seventh tunes the host allocator:
 ``aligned_grad_buffer``
     Without the distributed optimizer, megatron packs every parameter's ``main_grad`` back to
     back in DDP's buffer, in reverse parameter order. A pruning model's masks (46,956 log α
-    at the SmolLM2-135M shape, 12 elements past a 64-byte multiple) are registered last, so
+    at the SmolLM2-135M shape, 12 elements past a multiple of 16) are registered last, so
     they come first and put every weight's ``main_grad`` 48 bytes off a 64-byte boundary; each
     in-place weight-gradient GEMM then ran 10-30% slower (about 0.58 s of a pruning step's
     0.83 s of overhead). The patch hands the buffer the parameters whose size is not a

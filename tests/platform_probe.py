@@ -142,21 +142,30 @@ def probe_rope_tables():
     )
 
 
-def probe_tied_embedding_wgrad():
+def _tiny_ddp_model(tied: bool = False, odd_param: bool = False):
+    """A one-layer LLaMA (h 16, vocab 64) wrapped in megatron's DDP, as the trainers wrap it;
+    ``odd_param`` registers a 3-element parameter last, like a pruning model's mask bank."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-    from torch.utils._python_dispatch import TorchDispatchMode
 
     from megashear.config import ParallelConfig
     from megashear.model_config import ModelConfig
     from megashear.models.llama import build_model_chunk, build_transformer_config
 
-    cfg = ModelConfig(1, 16, 2, 2, 32, 64, seq_length=8, tie_word_embeddings=True)
+    cfg = ModelConfig(1, 16, 2, 2, 32, 64, seq_length=8, tie_word_embeddings=tied)
     tconfig = build_transformer_config(cfg, ParallelConfig())
-    model = DistributedDataParallel(
-        tconfig,
-        DistributedDataParallelConfig(grad_reduce_in_fp32=True),
-        build_model_chunk(cfg, tconfig),
+    chunk = build_model_chunk(cfg, tconfig)
+    if odd_param:
+        chunk.odd = torch.nn.Module()
+        chunk.odd.log_alpha = torch.nn.Parameter(torch.zeros(3))
+    return DistributedDataParallel(
+        tconfig, DistributedDataParallelConfig(grad_reduce_in_fp32=True), chunk
     )
+
+
+def probe_tied_embedding_wgrad():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    model = _tiny_ddp_model(tied=True)
     weight = model.module.embedding.word_embeddings.weight  # [v, h], shared with the output
     gen = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, 64, (2, 8), generator=gen)  # [b, s]
@@ -193,20 +202,7 @@ def probe_tied_embedding_wgrad():
 
 
 def probe_aligned_grad_buffer():
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-
-    from megashear.config import ParallelConfig
-    from megashear.model_config import ModelConfig
-    from megashear.models.llama import build_model_chunk, build_transformer_config
-
-    cfg = ModelConfig(1, 16, 2, 2, 32, 64, seq_length=8)
-    tconfig = build_transformer_config(cfg, ParallelConfig())
-    chunk = build_model_chunk(cfg, tconfig)
-    chunk.odd = torch.nn.Module()  # registered last, like a pruning model's mask bank
-    chunk.odd.log_alpha = torch.nn.Parameter(torch.zeros(3))
-    model = DistributedDataParallel(
-        tconfig, DistributedDataParallelConfig(grad_reduce_in_fp32=True), chunk
-    )
+    model = _tiny_ddp_model(odd_param=True)
     sized = [p for p in model.module.parameters() if p.numel() % 16 == 0]
     off = [p for p in sized if p.main_grad.data_ptr() % 64]
     assert all(p.main_grad.shape == p.shape for p in model.module.parameters())

@@ -3,7 +3,8 @@
 
 Steps alternate between the plain trainer and the pruning trainer (masks on head,
 intermediate, layer and hidden, toward half of every dimension) so that machine noise hits both
-alike. Prints the median step times, their ratio (goal <= 1.05) and the mask overhead in memory
+alike. Prints the median step times, their ratio (goal <= 1.05), the spread of the ratio within
+each pair of neighbouring steps, and the mask overhead in memory
 (log alpha, its gradient and Adam state, and one forward's sampled masks).
 
     python tools/bench_prune_step.py [--layers 8 --hidden 512 --seq 256 --batch 4 --steps 5]
@@ -98,6 +99,11 @@ def main() -> None:
     print(f"plain training step   : {p:.3f} s")
     print(f"pruning step (masked) : {q:.3f} s")
     print(f"ratio pruning/plain   : {q / p:.3f}  (goal <= 1.05)")
+    paired = [b / a for a, b in zip(plain_times, prune_times)]
+    print(
+        f"ratio of each pair    : median {statistics.median(paired):.3f}, "
+        f"{min(paired):.3f}-{max(paired):.3f} over {len(paired)} pairs"
+    )
     print(
         f"mask parameters       : {mask_params} ({100 * mask_params / model_params:.3f}% of the "
         f"model); memory {mask_bytes / 2**20:.2f} MiB "
@@ -107,7 +113,7 @@ def main() -> None:
         from bench_train_step import profile_summary  # tools/ is this script's sys.path[0]
 
         for name, trainer in (("plain", plain), ("pruning", pruning)):
-            print(f"\nprofile of one {name} step (self CPU time):")
+            print(f"\nops of one {name} step (wall time around each op):")
             print(profile_summary(lambda trainer=trainer: trainer.train_step(), rows=15))
 
 

@@ -107,6 +107,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import os
 import sys
 import types
 from collections.abc import Callable, Iterable
@@ -783,6 +784,16 @@ PATCHES: tuple[Patch, ...] = (
 
 _APPLIED: set[str] = set()
 
+SKIP_ENV = "MEGASHEAR_SKIP_CPU_PATCHES"
+"""Comma-separated patch names that every :func:`install_cpu_support` call in the process
+leaves out, e.g. ``fused_adam,wgrad_accumulation``: megatron-core's own CPU fallback then runs
+instead, to rule a speed patch out when a number looks wrong."""
+
+
+def applied_patches() -> list[str]:
+    """The names of the CPU patches applied in this process so far, in :data:`PATCHES` order."""
+    return [p.name for p in PATCHES if p.name in _APPLIED]
+
 
 def install_cpu_support(skip: Iterable[str] = (), training: bool = False) -> list[str]:
     """Apply the CPU patches when CUDA is absent; a no-op with CUDA.
@@ -791,7 +802,8 @@ def install_cpu_support(skip: Iterable[str] = (), training: bool = False) -> lis
     modules imported since the last call are covered too.
 
     Args:
-        skip: names of patches to leave out (tests use this to show what each one prevents).
+        skip: names of patches to leave out (tests use this to show what each one prevents);
+            the names in the environment variable :data:`SKIP_ENV` are left out too.
         training: also apply the training-only patches (``host_allocator``); the trainers pass
             it, streaming converters and ``finalize`` do not.
 
@@ -800,10 +812,14 @@ def install_cpu_support(skip: Iterable[str] = (), training: bool = False) -> lis
     """
     if cuda_available():
         return []
-    skip = set(skip)
+    from_env = {name.strip() for name in os.environ.get(SKIP_ENV, "").split(",") if name.strip()}
+    skip = set(skip) | from_env
     unknown = skip - {p.name for p in PATCHES}
     if unknown:
-        raise ValueError(f"unknown CPU patches {sorted(unknown)}")
+        where = f" (in {SKIP_ENV})" if unknown & from_env else ""
+        raise ValueError(
+            f"unknown CPU patches {sorted(unknown)}{where}; known: {[p.name for p in PATCHES]}"
+        )
     applied = []
     for patch in PATCHES:
         if patch.name in skip or patch.training_only and not training:

@@ -32,14 +32,26 @@ def megashear_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProce
 
 
 def torchrun(
-    nproc: int, plan: list[dict], workdir: Path, worker: Path = DIST_WORKER, timeout: float = 900
+    nproc: int,
+    plan: list[dict],
+    workdir: Path,
+    worker: Path = DIST_WORKER,
+    timeout: float = 900,
+    env: dict[str, str] | None = None,
 ) -> dict:
-    """Run ``plan`` on ``nproc`` CPU ranks; return rank 0's results (raises on failure)."""
+    """Run ``plan`` on ``nproc`` CPU ranks (``env``: extra environment variables); return rank
+    0's results (raises on failure)."""
     workdir.mkdir(parents=True, exist_ok=True)
     plan_path = workdir / f"plan_{worker.stem}_{nproc}.pt"
     out_path = workdir / f"out_{worker.stem}_{nproc}.pt"
     torch.save(plan, plan_path)
-    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONWARNINGS="ignore")
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        CUDA_VISIBLE_DEVICES="",
+        PYTHONWARNINGS="ignore",
+        **(env or {}),
+    )
     cmd = [
         sys.executable,
         "-m",
@@ -57,6 +69,12 @@ def torchrun(
     return torch.load(out_path, weights_only=False)
 
 
-def prune_torchrun(nproc: int, plan: list[dict], workdir: Path, timeout: float = 900) -> dict:
+def prune_torchrun(
+    nproc: int,
+    plan: list[dict],
+    workdir: Path,
+    timeout: float = 900,
+    env: dict[str, str] | None = None,
+) -> dict:
     """:func:`torchrun` with ``tests/prune_worker.py``."""
-    return torchrun(nproc, plan, workdir, PRUNE_WORKER, timeout)
+    return torchrun(nproc, plan, workdir, PRUNE_WORKER, timeout, env)

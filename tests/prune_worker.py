@@ -181,8 +181,10 @@ def run(job: dict) -> dict:
         logits = t.gather_logits(batch)
         return {"logits": logits, "masks": masks, "log_alpha": t.gather_log_alpha()}
     if mode == "train":
+        from megashear import platform
+
         history = [t.train_step() for _ in range(job["steps"])]
-        return {"history": history}
+        return {"history": history, "cpu_patches": platform.applied_patches()}
     if mode == "save":
         t.train_step()
         path = t.save()

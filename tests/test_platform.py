@@ -136,3 +136,50 @@ def test_keep_freed_host_memory_sets_heap_trim_and_one_arena(monkeypatch):
     assert platform.keep_freed_host_memory(single_arena=True) is False
     monkeypatch.setattr(platform, "_glibc", lambda: None)
     assert platform.keep_freed_host_memory(single_arena=True) is False
+
+
+@pytest.mark.skipif(platform.cuda_available(), reason="CPU patches are inactive with CUDA")
+def test_speed_patches_leave_the_losses_unchanged(tmp_path):
+    """Four pruning steps of a tied GQA model with a padded vocabulary (every speed patch has
+    work there: masks, the tied weight, RoPE, wgrad, AdamW, the grad norm with clipping) give
+    the same history with the speed patches as with megatron-core's own CPU fallbacks."""
+    from tests.launch import prune_torchrun
+
+    job = {
+        "name": "prune",
+        "mode": "train",
+        "model": "tiny-gqa-tied",
+        "target": {
+            "num_layers": 2,
+            "hidden_size": 48,
+            "num_attention_heads": 4,
+            "num_query_groups": 2,
+            "ffn_hidden_size": 96,
+            "kv_channels": 8,
+        },
+        "kinds": ["hidden", "head", "head_layer", "intermediate", "mlp", "layer"],
+        "steps": 4,
+        "clip_grad": 0.5,
+        "warmup": 2,
+    }
+    fast = prune_torchrun(1, [job], tmp_path / "fast")["prune"]
+    env = {platform.SKIP_ENV: ",".join(sorted(SPEED_PATCHES))}
+    slow = prune_torchrun(1, [job], tmp_path / "slow", env=env)["prune"]
+    assert SPEED_PATCHES <= set(fast["cpu_patches"])
+    assert not SPEED_PATCHES & set(slow["cpu_patches"]), slow["cpu_patches"]
+    fast, slow = fast["history"], slow["history"]
+    assert len(fast) == len(slow) == 4
+    timings = {"tokens_per_s", "step_time"}
+    for step_fast, step_slow in zip(fast, slow):
+        assert step_fast.keys() == step_slow.keys()
+        assert {"loss", "grad_norm", "expected_params"} <= step_fast.keys()
+        for key in step_fast.keys() - timings:
+            assert step_fast[key] == pytest.approx(step_slow[key], abs=1e-6, rel=1e-6), key
+
+
+def test_patch_names_in_the_environment_are_checked(monkeypatch):
+    if platform.cuda_available():
+        pytest.skip("no-op with CUDA")
+    monkeypatch.setenv(platform.SKIP_ENV, "fused_adam,nope")
+    with pytest.raises(ValueError, match=r"unknown CPU patches \['nope'\] \(in MEGASHEAR_SKIP"):
+        platform.install_cpu_support()

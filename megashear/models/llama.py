@@ -184,11 +184,38 @@ def build_model_chunk(
     return chunk
 
 
+class _PaddedLogitsToMinusInf(torch.autograd.Function):
+    """Logits ``[s, b, v/tp]`` get ``-inf`` in place from column ``first`` on (the padded
+    vocabulary rows of this TP rank's slice); their gradient is 0 there.
+
+    ``masked_fill`` writes a fresh ``[s, b, v/tp]`` copy forward and another backward. Here the
+    forward writes only the padded columns. The backward returns the incoming gradient itself
+    when it is already 0 there, which it is for any loss of the softmax (cross-entropy, KD:
+    ``softmax(-inf) = 0`` and no target is a padded id), and a zeroed copy otherwise."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, first: int) -> torch.Tensor:
+        ctx.first = first
+        ctx.mark_dirty(logits)
+        logits[..., first:] = float("-inf")  # the output layer's GEMM does not keep its output
+        return logits
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        first = ctx.first
+        if grad[..., first:].any():
+            grad = grad.clone()
+            grad[..., first:] = 0
+        return grad, None
+
+
 def mask_padded_logits(output_layer: torch.nn.Module, vocab_size: int) -> None:
     """Set the logits of padded vocabulary rows to ``-inf`` on this TP rank's slice.
 
     The output layer returns ``(logits, bias)`` with logits ``[s, b, v_pad/tp]`` covering
-    vocabulary ids ``[rank * v_pad/tp, (rank + 1) * v_pad/tp)``.
+    vocabulary ids ``[rank * v_pad/tp, (rank + 1) * v_pad/tp)``. On CPU the padded columns are
+    filled in place (:class:`_PaddedLogitsToMinusInf`, the same values and gradients); with CUDA
+    it is ``masked_fill`` as before, whose backward needs no device sync.
     """
     from megatron.core import parallel_state as ps
 
@@ -198,6 +225,9 @@ def mask_padded_logits(output_layer: torch.nn.Module, vocab_size: int) -> None:
         start = ps.get_tensor_model_parallel_rank() * width
         if start + width <= vocab_size:
             return output
+        first = max(vocab_size - start, 0)  # the first padded column of this slice
+        if logits.device.type == "cpu":
+            return _PaddedLogitsToMinusInf.apply(logits, first), bias
         padded = torch.arange(start, start + width, device=logits.device) >= vocab_size  # [v/tp]
         return logits.masked_fill(padded, float("-inf")), bias
 

@@ -45,13 +45,8 @@ def torchrun(
     plan_path = workdir / f"plan_{worker.stem}_{nproc}.pt"
     out_path = workdir / f"out_{worker.stem}_{nproc}.pt"
     torch.save(plan, plan_path)
-    env = dict(
-        os.environ,
-        OMP_NUM_THREADS="1",
-        CUDA_VISIBLE_DEVICES="",
-        PYTHONWARNINGS="ignore",
-        **(env or {}),
-    )
+    base = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONWARNINGS="ignore")
+    env = {**base, **(env or {})}  # the caller's variables win, OMP_NUM_THREADS included
     cmd = [
         sys.executable,
         "-m",

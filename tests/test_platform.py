@@ -144,20 +144,14 @@ def test_speed_patches_leave_the_losses_unchanged(tmp_path):
     work there: masks, the tied weight, RoPE, wgrad, AdamW, the grad norm with clipping) give
     the same history with the speed patches as with megatron-core's own CPU fallbacks."""
     from tests.launch import prune_torchrun
+    from tests.test_masked_model import ALL, GQA_TARGET
 
     job = {
         "name": "prune",
         "mode": "train",
         "model": "tiny-gqa-tied",
-        "target": {
-            "num_layers": 2,
-            "hidden_size": 48,
-            "num_attention_heads": 4,
-            "num_query_groups": 2,
-            "ffn_hidden_size": 96,
-            "kv_channels": 8,
-        },
-        "kinds": ["hidden", "head", "head_layer", "intermediate", "mlp", "layer"],
+        "target": GQA_TARGET,
+        "kinds": ALL,
         "steps": 4,
         "clip_grad": 0.5,
         "warmup": 2,

@@ -1,10 +1,11 @@
-"""The ``megashear`` command: ``train`` (continued pre-training), ``prune``, ``finalize``,
-``evaluate``.
+"""megashear: shear a large LLaMA into a strong smaller one, every stage one sub-command.
 
-Each sub-command takes ``--config FILE.yaml`` (repeatable; later files win) and one
-``--section.field=value`` flag per config field (see :mod:`megashear.config_io`). Launch it with
-torchrun for several ranks; a plain ``megashear ...`` is a world of one. Bad input (unknown key,
-wrong type, missing file, infeasible target) ends with a one-line ``error:`` and exit code 2.
+Each sub-command (the table ``COMMANDS`` at the end of this module) takes ``--config FILE.yaml``
+(repeatable; later files win) and one ``--section.field=value`` flag per field of its config
+dataclass (see :mod:`megashear.config_io`). Launch it with torchrun for several ranks; a plain
+``megashear ...`` is a world of one. Bad input (unknown key, wrong type, missing file, infeasible
+target) ends with a one-line ``error:`` and exit code 2. A command that returns a result prints
+it as the last line of stdout, one JSON object.
 """
 
 from __future__ import annotations
@@ -46,18 +47,45 @@ def one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split())
 
 
+@dataclasses.dataclass(frozen=True)
+class Command:
+    """One ``megashear`` sub-command.
+
+    Args:
+        target: ``"module:function"``, imported only when the command runs (``--help`` stays
+            light); the function takes the resolved config and returns an exit code, ``None``
+            (0), or a dict that rank 0 prints as the last line of stdout, one JSON object.
+        help: the one-line description ``megashear --help`` lists.
+        config: the command's config dataclass (``RunConfig`` or a subclass, or a class of its
+            own); YAML files and ``--section.field=value`` flags fill it alike.
+        sections: the config's top-level fields offered as flags (None: all of them).
+    """
+
+    target: str
+    help: str
+    config: type = RunConfig
+    sections: tuple[str, ...] | None = None
+
+    def function(self) -> Callable:
+        import importlib
+
+        module, _, name = self.target.partition(":")
+        return getattr(importlib.import_module(module), name)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineArgumentParser(prog="megashear", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    for name, help_text in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text[1])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, command in COMMANDS.items():
+        p = sub.add_parser(name, help=command.help, description=command.help)
         p.add_argument("--config", action="append", default=[], help="YAML config file(s)")
-        config_io.add_arguments(p, RunConfig, COMMAND_SECTIONS[name])
+        config_io.add_arguments(p, command.config, command.sections)
     return parser
 
 
-def resolve_config(args: argparse.Namespace) -> RunConfig:
-    """YAML files and overrides -> RunConfig.
+def resolve_config(args: argparse.Namespace, cls: type = RunConfig):
+    """YAML files and overrides -> the command's config (``RunConfig`` or a subclass of it;
+    any other config class is filled from its files and flags alone).
 
     Without ``checkpoint.load``, ``model_preset`` supplies the model defaults. With it, the
     checkpoint's model (``megashear.json``) is the base of ``cfg.model``: a preset, a YAML
@@ -65,6 +93,8 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
     ``seq_length`` (which changes no weight); any other field given with another value is a
     :class:`ConfigError` naming every contradiction.
     """
+    if not issubclass(cls, RunConfig):
+        return config_io.resolve(cls, args.config, args)
     preset = None
     for path in args.config:
         preset = config_io.load_yaml(path).get("model_preset", preset)
@@ -76,7 +106,7 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
         except ValueError as exc:
             raise ConfigError(f"config key 'model_preset': {exc}") from exc
     base = {"model": preset_model.to_dict()} if preset_model else {}
-    cfg = config_io.resolve(RunConfig, args.config, args, base=base)
+    cfg = config_io.resolve(cls, args.config, args, base=base)
     _resolve_init(cfg)
     if _fresh_resumable_start(cfg):
         logger.info("no checkpoint in %s yet: starting from scratch", cfg.checkpoint.load)
@@ -449,39 +479,32 @@ def cmd_evaluate(cfg: RunConfig) -> None:
             save_manifest(manifest, cfg.data.manifest)
 
 
-# The RunConfig sections each sub-command reads; its --help and flags offer only these (a YAML
-# file may still hold the whole tree, e.g. one prune.yaml for prune, finalize and evaluate).
-COMMAND_SECTIONS = {
-    "train": (
-        "model_preset",
-        "model",
-        "parallel",
-        "train",
-        "checkpoint",
-        "distill",
-        "data",
-        "logging",
-    ),
-    "prune": (
-        "model_preset",
-        "model",
-        "parallel",
-        "train",
-        "checkpoint",
-        "pruning",
-        "distill",
-        "data",
-        "logging",
-    ),
-    "finalize": ("checkpoint", "logging"),
-    "evaluate": ("model_preset", "model", "parallel", "train", "checkpoint", "data", "logging"),
-}
+# The RunConfig sections each training-side command reads; its --help and flags offer only
+# these (a YAML file may still hold the whole tree, e.g. one prune.yaml for prune, finalize and
+# evaluate).
+_RUN = ("model_preset", "model", "parallel", "train", "checkpoint")
 
-COMMANDS = {
-    "train": (cmd_train, "continued pre-training of a (pruned) model"),
-    "prune": (cmd_prune, "targeted structured pruning with hard-concrete masks"),
-    "finalize": (cmd_finalize, "turn a pruning checkpoint into a dense model of the target"),
-    "evaluate": (cmd_evaluate, "per-domain validation loss of a checkpoint, as JSON"),
+COMMANDS: dict[str, Command] = {
+    "train": Command(
+        "megashear.cli:cmd_train",
+        "continued pre-training of a (pruned) model",
+        sections=(*_RUN, "distill", "data", "logging"),
+    ),
+    "prune": Command(
+        "megashear.cli:cmd_prune",
+        "targeted structured pruning with hard-concrete masks",
+        sections=(*_RUN, "pruning", "distill", "data", "logging"),
+    ),
+    "finalize": Command(
+        "megashear.cli:cmd_finalize",
+        "turn a pruning checkpoint into a dense model of the target",
+        sections=("checkpoint", "logging"),
+    ),
+    "evaluate": Command(
+        "megashear.cli:cmd_evaluate",
+        "per-domain validation loss of a checkpoint, as JSON",
+        sections=(*_RUN, "data", "logging"),
+    ),
 }
 
 
@@ -491,15 +514,21 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from megashear.training.run_log import missing_dirs, remove_failed_start
 
+    command = COMMANDS[args.command]
     new_dirs: list[str] = []
     try:
-        cfg = resolve_config(args)
-        new_dirs = missing_dirs(cfg.logging.dir, cfg.checkpoint.save)
-        from megashear import platform
-        from megashear.config_checks import check_run_config
+        cfg = resolve_config(args, command.config)
+        if isinstance(cfg, RunConfig):
+            new_dirs = missing_dirs(cfg.logging.dir, cfg.checkpoint.save)
+            from megashear import platform
+            from megashear.config_checks import check_run_config
 
-        check_run_config(cfg, args.command, platform.cuda_available())
-        code = COMMANDS[args.command][0](cfg)
+            check_run_config(cfg, args.command, platform.cuda_available())
+        code = command.function()(cfg)
+        if isinstance(code, dict):
+            if _is_rank0():
+                print(json.dumps(code), flush=True)
+            code = None
     except (ValueError, FileNotFoundError) as exc:
         # ConfigError, UsageError, CheckpointError and the library's validation errors
         # (shapes, layouts, targets) are all ValueErrors with one-line messages. What this

@@ -19,8 +19,10 @@ ROOT = Path(__file__).resolve().parent.parent
 LAYERS: tuple[tuple[str, ...], ...] = (
     # scripts: conversion, preprocessing, experiments, benchmarks (they share the cli's parser)
     ("tools",),
-    # the megashear command: train, prune, finalize, evaluate
+    # the megashear command: parsing and dispatch
     ("megashear.cli",),
+    # the jobs the commands run (importance, one-shot, fit-p2, plan, ...)
+    ("megashear.jobs",),
     # commands built on both training and conversion / on training's run logs
     ("megashear.finalize_run", "megashear.plots"),
     # the trainers and the checkpoint converters: siblings, neither imports the other

@@ -21,16 +21,15 @@ from collections.abc import Callable
 from typing import NoReturn
 
 from megashear import config_io
-from megashear.config import RunConfig
+from megashear.config import OneShotConfig, RunConfig
 from megashear.config_io import ConfigError
+from megashear.jobs.common import UsageError, make_batches, pruning_target
 from megashear.model_config import WEIGHT_FIELDS, ModelConfig, get_preset, model_differences
+from megashear.planning import PlanConfig
+from megashear.scaling.p2_config import FitP2Config
 from megashear.training.errors import NonFiniteLossError
 
 logger = logging.getLogger("megashear")
-
-
-class UsageError(ValueError):
-    """Bad input from the user: reported as one line, exit code 2."""
 
 
 class OneLineArgumentParser(argparse.ArgumentParser):
@@ -207,39 +206,19 @@ def write_resolved_config(cfg: RunConfig) -> None:
             config_io.dump_yaml(cfg, os.path.join(directory, "config.yaml"))
 
 
-def make_batches(cfg: RunConfig):
-    """The training data source named by the config."""
-    from megashear.training.batches import SyntheticBatches, TokenWindowBatches
+def make_dynamic_loading(cfg: RunConfig, trainer, log, kind: str = "train"):
+    """Dynamic batch loading for a manifest-driven run (None otherwise). With
+    ``logging.p2_law``, a ``train`` run's updates also log the P² law's predicted loss."""
+    p2_predict = None
+    if cfg.logging.p2_law and kind == "train":
+        if not cfg.data.manifest:
+            raise UsageError("logging.p2_law needs validation losses: set data.manifest")
+        from megashear.jobs.fit_p2 import train_predictor
 
-    if cfg.data.manifest:
-        from megashear.data.loader import manifest_batches
-
-        return manifest_batches(cfg)
-    if cfg.data.token_file:
-        import numpy as np
-
-        if not os.path.isfile(cfg.data.token_file):
-            raise UsageError(f"data.token_file {cfg.data.token_file} does not exist")
-        try:
-            tokens = np.load(cfg.data.token_file, mmap_mode="r")
-        except (ValueError, OSError, EOFError) as exc:
-            raise UsageError(
-                f"data.token_file {cfg.data.token_file} is not a .npy array of token ids "
-                f"({str(exc).split('. ')[0]})"
-            ) from None
-        if tokens.size and int(tokens.max()) >= cfg.model.vocab_size:
-            raise UsageError(
-                f"data.token_file holds token id {int(tokens.max())}, outside the model's "
-                f"vocab_size {cfg.model.vocab_size} (tokenizer/model mismatch)"
-            )
-        return TokenWindowBatches(tokens, cfg.model.seq_length, cfg.data.seed)
-    if cfg.data.synthetic:
-        return SyntheticBatches(cfg.model.vocab_size, cfg.model.seq_length, cfg.data.seed)
-    raise UsageError("no training data: set data.manifest, data.token_file or data.synthetic")
-
-
-def make_dynamic_loading(cfg: RunConfig, trainer, log):
-    """Dynamic batch loading for a manifest-driven run (None otherwise)."""
+        tokens_per_step = cfg.train.global_batch_size * cfg.model.seq_length
+        p2_predict = train_predictor(
+            cfg.logging.p2_law, cfg.model.num_parameters(), tokens_per_step
+        )
     if not cfg.data.manifest:
         return None
     from megashear.data.loader import data_cache_dir, validation_batches
@@ -261,6 +240,7 @@ def make_dynamic_loading(cfg: RunConfig, trainer, log):
         cfg.data.smoothing,
         cfg.data.update_interval,
         log,
+        p2_predict=p2_predict,
     )
 
 
@@ -268,7 +248,7 @@ def run_training(trainer, cfg: RunConfig, log, kind: str = "train") -> list[dict
     """Train to ``train.train_iters`` with a rank-0 progress bar, logging and checkpoints."""
     from tqdm import tqdm
 
-    dynamic = make_dynamic_loading(cfg, trainer, log)
+    dynamic = make_dynamic_loading(cfg, trainer, log, kind)
 
     total = cfg.train.train_iters
     bar = tqdm(
@@ -365,39 +345,14 @@ def _interrupted(trainer, cfg: RunConfig) -> int | None:
     return cfg.train.signal_exit_code
 
 
-def pruning_target(cfg: RunConfig):
-    """The target ModelConfig from ``pruning.target`` (preset) and ``pruning.target_*``."""
-    from megashear.pruning.targets import make_target
-
-    p = cfg.pruning
-    if not p.target and not any(
-        v is not None
-        for v in (
-            p.target_num_layers,
-            p.target_hidden_size,
-            p.target_num_attention_heads,
-            p.target_num_query_groups,
-            p.target_ffn_hidden_size,
-        )
-    ):
-        raise UsageError("no pruning target: set pruning.target or pruning.target_* fields")
-    return make_target(
-        cfg.model,
-        p.target,
-        num_layers=p.target_num_layers,
-        hidden_size=p.target_hidden_size,
-        num_attention_heads=p.target_num_attention_heads,
-        num_query_groups=p.target_num_query_groups,
-        ffn_hidden_size=p.target_ffn_hidden_size,
-    )
-
-
 def cmd_prune(cfg: RunConfig) -> int | None:
+    from megashear.jobs.importance import pruning_start
     from megashear.pruning.targets import validate_target
     from megashear.training.pruning_trainer import PruningTrainer
 
     target = pruning_target(cfg)
     validate_target(cfg.model, target, tp_sizes=(cfg.parallel.tp,), pp_sizes=(cfg.parallel.pp,))
+    init_log_alpha, pinned = pruning_start(cfg, target)
     trainer = PruningTrainer(
         cfg.model,
         target,
@@ -407,6 +362,8 @@ def cmd_prune(cfg: RunConfig) -> int | None:
         make_batches(cfg),
         cfg.checkpoint,
         distill=cfg.distill,
+        init_log_alpha=init_log_alpha,
+        pinned_hidden=pinned,
     )
     return run_to_end(trainer, cfg, kind="prune")
 
@@ -458,7 +415,10 @@ def cmd_evaluate(cfg: RunConfig) -> None:
 
         target = ModelConfig.from_dict(meta["pruning"]["target"])
         pcfg = replace(cfg.pruning, kinds=tuple(meta["pruning"]["kinds"]))
-        trainer = PruningTrainer(cfg.model, target, pcfg, cfg.parallel, cfg.train, None)
+        pinned = meta["pruning"].get("pinned_hidden", [])
+        trainer = PruningTrainer(
+            cfg.model, target, pcfg, cfg.parallel, cfg.train, None, pinned_hidden=pinned
+        )
     else:
         trainer = Trainer(cfg.model, cfg.parallel, cfg.train, None)
     load_model_weights(trainer.model, cfg.model, cfg.checkpoint.load)
@@ -504,6 +464,27 @@ COMMANDS: dict[str, Command] = {
         "megashear.cli:cmd_evaluate",
         "per-domain validation loss of a checkpoint, as JSON",
         sections=(*_RUN, "data", "logging"),
+    ),
+    "importance": Command(
+        "megashear.jobs.importance:run",
+        "activation importance of every head, FFN unit, hidden channel and layer (Minitron)",
+        sections=(*_RUN, "importance", "data", "logging"),
+    ),
+    "one-shot": Command(
+        "megashear.jobs.one_shot:run",
+        "cut a checkpoint to a target shape by importance (or leading units), no training",
+        config=OneShotConfig,
+        sections=("method", "overwrite", "checkpoint", "pruning", "importance", "parallel"),
+    ),
+    "fit-p2": Command(
+        "megashear.jobs.fit_p2:run",
+        "fit the P² law of post-training after pruning to loss curves, and predict",
+        config=FitP2Config,
+    ),
+    "plan": Command(
+        "megashear.jobs.plan:run",
+        "per-GPU memory of a prune or train job by parallel layout, and the layouts that fit",
+        config=PlanConfig,
     ),
 }
 

@@ -152,6 +152,28 @@ class PruningConfig:
     seed: int = 17
     """Seed of the masks' hard-concrete sampling noise, the same at every layout (Sheared-LLaMA
     global_seed 17)."""
+    init: Literal["paper", "importance"] = "paper"
+    """Initial log alpha (docs/method.md §8): paper draws N(log_alpha_init_mean, 0.01) for every
+    unit; importance starts the units the importance cut keeps at ln 100 and the others at
+    ln 0.01 (scores from megashear importance, see importance.path), with the full target
+    sparsity from step 0 (no warm-up)."""
+    pin_hidden: float = 0.0
+    """Keep hidden channels whose importance is at least this many times the median kept
+    channel's deterministically (z = 1, never sampled; massive activations, docs/method.md §8);
+    0: none. Needs importance scores."""
+
+
+@dataclass
+class ImportanceConfig:
+    """Activation importance, the Minitron way (megashear importance; docs/method.md §8)."""
+
+    samples: int = 64
+    """Calibration sequences of model.seq_length tokens, drawn from the training data with
+    data.seed (Minitron: 1024)."""
+    path: str = ""
+    """The scores file: written by megashear importance, read by megashear one-shot
+    --method=importance and pruning.init=importance; "": importance.pt in the root of the
+    source checkpoint (checkpoint.load, or checkpoint.init)."""
 
 
 @dataclass
@@ -221,6 +243,9 @@ class LoggingConfig:
     """Run directory: config.yaml, the event log and TensorBoard files."""
     tensorboard: bool = True
     """Also write TensorBoard scalars under logging.dir."""
+    p2_law: str = ""
+    """A fitted P² law (the JSON of megashear fit-p2 --out): megashear train then logs the law's
+    predicted validation loss beside the observed one with every domain_update ("": off)."""
 
 
 @dataclass
@@ -240,9 +265,23 @@ class RunConfig:
     """Checkpoint locations and schedule."""
     pruning: PruningConfig = field(default_factory=PruningConfig)
     """Pruning target and mask settings (megashear prune)."""
+    importance: ImportanceConfig = field(default_factory=ImportanceConfig)
+    """Activation importance scores (megashear importance, one-shot, pruning.init)."""
     distill: DistillConfig = field(default_factory=DistillConfig)
     """Knowledge distillation from a teacher (megashear train and prune)."""
     data: DataConfig = field(default_factory=DataConfig)
     """Training and validation data."""
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     """Run directory and TensorBoard."""
+
+
+@dataclass
+class OneShotConfig(RunConfig):
+    """``megashear one-shot``: a run config plus the cut's method."""
+
+    method: Literal["importance", "leading"] = "importance"
+    """importance: cut the least important units by activation importance (Minitron, GQA-aware;
+    scores from importance.path); leading: keep the leading units (a floor that uses no
+    information)."""
+    overwrite: bool = False
+    """Replace an existing checkpoint.save."""

@@ -58,15 +58,8 @@ def finalize_checkpoint(
         CheckpointError: ``load`` is missing, damaged or not a pruning checkpoint, or ``save``
             exists without ``overwrite``.
     """
-    from megashear.conversion.dist_stream import CheckpointReader, write_checkpoint
-    from megashear.conversion.megatron_layout import canonical_tensor, megatron_tensor
-    from megashear.layout import layer_key, split_key
-    from megashear.pruning.finalize import (
-        finalization_masks,
-        finalize_global,
-        finalize_layer_weight,
-        plan_finalization,
-    )
+    from megashear.conversion.dist_stream import CheckpointReader
+    from megashear.pruning.finalize import finalization_masks, plan_finalization
 
     check_new_output(save, overwrite)
     world = int(os.environ.get("WORLD_SIZE", "1"))  # no process group: the files are read as such
@@ -84,10 +77,43 @@ def finalize_checkpoint(
             f"{reader.dir} holds log α for {sorted(log_alpha)}, its settings name {sorted(kinds)}"
         )
     try:
-        plan = plan_finalization(source, finalization_masks(log_alpha, source, target), target)
+        pinned = reader.meta["pruning"].get("pinned_hidden", [])
+        masks = finalization_masks(log_alpha, source, target, pinned_hidden=pinned)
+        plan = plan_finalization(source, masks, target)
     except ValueError as exc:
         raise CheckpointError(f"{reader.dir} cannot be finalised: {exc}") from None
+    write_plan(reader, plan, save, overwrite=overwrite, progress=progress)
     cfg = plan.config
+    logger.info(
+        "finalised %s (%d params) -> %s (%d params, kinds %s)",
+        load,
+        source.num_parameters(),
+        save,
+        cfg.num_parameters(),
+        ",".join(kinds),
+    )
+    return cfg
+
+
+def write_plan(
+    reader,
+    plan,
+    save: str,
+    overwrite: bool = False,
+    progress: bool = False,
+    tp: int = 1,
+    pp: int = 1,
+    extra_meta: dict | None = None,
+) -> None:
+    """Stream the dense model of ``plan`` (a :class:`~megashear.pruning.finalize.
+    FinalizationPlan`) from ``reader``'s source checkpoint into ``save``, chunked for
+    ``tp`` × ``pp`` in the source's stored dtype; ``reader`` is closed at the end."""
+    from megashear.conversion.dist_stream import write_checkpoint
+    from megashear.conversion.megatron_layout import canonical_tensor, megatron_tensor
+    from megashear.layout import layer_key, split_key
+    from megashear.pruning.finalize import finalize_global, finalize_layer_weight
+
+    source, cfg = plan.source, plan.config
 
     def source_tensor(key: str) -> torch.Tensor:  # canonical key of the source
         return canonical_tensor(key, reader, source)
@@ -110,18 +136,12 @@ def finalize_checkpoint(
                 cfg,
                 lambda name: megatron_tensor(name, finalised, cfg),
                 dtype=reader.stored_dtype,
+                tp=tp,
+                pp=pp,
                 overwrite=overwrite,
+                extra_meta=extra_meta,
                 progress=progress,
                 read_ahead=FINALIZE_AHEAD,
             )
     finally:
         reader.close()
-    logger.info(
-        "finalised %s (%d params) -> %s (%d params, kinds %s)",
-        load,
-        source.num_parameters(),
-        save,
-        cfg.num_parameters(),
-        ",".join(kinds),
-    )
-    return cfg

@@ -31,8 +31,9 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("megashear.parallel",),
     # LLaMA on megatron-core; the masked leaves use pruning's hard-concrete distributions
     ("megashear.models",),
-    # pure-torch pruning maths; the data pipeline
-    ("megashear.pruning", "megashear.data"),
+    # pure-torch pruning maths; the data pipeline; numpy/scipy scaling laws (P² law);
+    # the memory planner's arithmetic (no torch)
+    ("megashear.pruning", "megashear.data", "megashear.scaling", "megashear.planning"),
     # the canonical weight layout, RoPE, the checkpoint format, run-config checks
     ("megashear.layout", "megashear.rope", "megashear.checkpoint", "megashear.config_checks"),
     # run settings and their YAML / flag parsing

@@ -14,6 +14,7 @@ error.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 
@@ -21,6 +22,8 @@ from megashear.model_config import ModelConfig, model_differences
 
 TRACKER = "latest_checkpointed_iteration.txt"
 META = "megashear.json"
+# How much of each checkpoint file the fingerprint reads at its start and end.
+FINGERPRINT_BYTES = 1 << 20
 
 
 class CheckpointError(ValueError):
@@ -127,3 +130,22 @@ def check_model_config(meta: dict, cfg: ModelConfig, ckpt_dir: str) -> None:
         raise CheckpointError(
             f"checkpoint {ckpt_dir} is of another model shape ({'; '.join(diffs)})"
         )
+
+
+def fingerprint(path: str) -> str:
+    """A cheap identity of a checkpoint directory: sha256 over every file's relative name, size
+    and first / last MiB (the weights of a different model differ there)."""
+    ckpt_dir = resolve(path)
+    digest = hashlib.sha256()
+    for root, dirs, files in os.walk(ckpt_dir):
+        dirs.sort()
+        for name in sorted(files):
+            full = os.path.join(root, name)
+            size = os.path.getsize(full)
+            digest.update(f"{os.path.relpath(full, ckpt_dir)}\0{size}\0".encode())
+            with open(full, "rb") as f:
+                digest.update(f.read(FINGERPRINT_BYTES))
+                if size > 2 * FINGERPRINT_BYTES:
+                    f.seek(size - FINGERPRINT_BYTES)
+                    digest.update(f.read(FINGERPRINT_BYTES))
+    return digest.hexdigest()[:16]

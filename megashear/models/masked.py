@@ -60,6 +60,8 @@ class MaskBank(nn.Module):
         tp_rank, tp_size: this rank's tensor-parallel position.
         seed: keys the sampling noise.
         init_mean: mean of the log α initialisation (docs/method.md §2: N(5, 0.01)).
+        pinned_hidden: hidden channels whose training sample is always exactly 1 (the pinned
+            massive-activation channels, docs/method.md §8).
     """
 
     def __init__(
@@ -74,6 +76,7 @@ class MaskBank(nn.Module):
         tp_size: int = 1,
         seed: int = 0,
         init_mean: float = hc.INIT_MEAN,
+        pinned_hidden: list[int] | tuple[int, ...] = (),
     ) -> None:
         super().__init__()
         unknown = set(kinds) - set(ALL_KINDS)
@@ -97,6 +100,26 @@ class MaskBank(nn.Module):
                 param.partition_stride = 1
             self.register_parameter(f"{kind}_log_alpha", param)
         self.z: dict[str, torch.Tensor] | None = None
+        self.pinned_hidden = sorted(int(i) for i in pinned_hidden)
+        if self.pinned_hidden and "hidden" not in self.kinds:
+            raise ValueError("pinned hidden channels need the hidden mask kind")
+        pinned = torch.zeros(hidden_size, dtype=torch.bool)
+        pinned[self.pinned_hidden] = True
+        self.register_buffer("_pinned", pinned, persistent=False)
+
+    @torch.no_grad()
+    def load_full_log_alpha(self, full: dict[str, torch.Tensor]) -> None:
+        """Set this chunk's log α from full tensors (``hidden [h]``, ``head [L, a]``, ...): each
+        kind takes its TP / PP share (e.g. ``pruning.init=importance``)."""
+        for kind, value in self.local_slices(full).items():
+            self.log_alpha(kind).copy_(value)
+
+    @torch.no_grad()
+    def hold_pinned(self) -> None:
+        """Keep the pinned channels' log α at the clamp's top, so that the expected sparsity
+        counts them as kept (call after every optimizer step)."""
+        if self.pinned_hidden:
+            self.hidden_log_alpha[self._pinned] = hc.LOG_ALPHA_MAX
 
     # ----------------------------------------------------------------- mask values
 
@@ -117,6 +140,8 @@ class MaskBank(nn.Module):
                     self.seed, iteration, microbatch, HIDDEN_LAYER_KEY, kind, self.full[kind]
                 )
                 z[kind] = hc.sample_mask(la, u.to(la))
+                if self.pinned_hidden:
+                    z[kind] = torch.where(self._pinned, 1.0, z[kind])  # [h]
             elif kind in ("head", "intermediate"):
                 sl = self._tp_slice(kind)
                 rows = [

@@ -82,14 +82,19 @@ def finalization_plan(source: ModelConfig, target: ModelConfig) -> dict[str, tup
 
 
 def finalization_masks(
-    log_alpha: dict[str, torch.Tensor], source: ModelConfig, target: ModelConfig
+    log_alpha: dict[str, torch.Tensor],
+    source: ModelConfig,
+    target: ModelConfig,
+    pinned_hidden: list[int] | tuple[int, ...] = (),
 ) -> dict[str, torch.Tensor]:
-    """Deterministic masks at exactly the target sizes (GQA group-wise; layer kinds jointly)."""
+    """Deterministic masks at exactly the target sizes (GQA group-wise; layer kinds jointly;
+    the pinned hidden channels kept at 1)."""
     return hc.deterministic_masks(
         log_alpha,
         target_sizes(target, log_alpha.keys()),
         num_query_groups=source.num_query_groups,
         target_query_groups=target.num_query_groups,
+        pinned_hidden=pinned_hidden,
     )
 
 

@@ -166,7 +166,10 @@ def _expected_zeros(log_alpha: torch.Tensor) -> int:
 
 @torch.no_grad()
 def deterministic_mask(
-    log_alpha: torch.Tensor, keep: int | None = None, per_row: bool = True
+    log_alpha: torch.Tensor,
+    keep: int | None = None,
+    per_row: bool = True,
+    pinned: list[int] | tuple[int, ...] = (),
 ) -> torch.Tensor:
     """Deterministic mask of one kind (no gradient).
 
@@ -175,10 +178,22 @@ def deterministic_mask(
         keep: entries kept (per row when ``per_row`` and 2-D; in total otherwise). ``None`` keeps
             the rounded expected number (computed per row or in total likewise).
         per_row: for 2-D input, select within each row (per layer) instead of globally.
+        pinned: entries of a 1-D mask that are always kept, with value exactly 1 (the pinned
+            hidden channels, docs/method.md §8).
 
     Returns:
         Same shape: soft values on survivors, 0 elsewhere.
     """
+    if pinned:
+        if log_alpha.dim() != 1:
+            raise ValueError("only a one-dimensional mask (hidden) can have pinned entries")
+        idx = torch.as_tensor(list(pinned), dtype=torch.long)
+        k = _expected_zeros(log_alpha) if keep is None else log_alpha.numel() - keep
+        rank = soft_mask(log_alpha).clone()
+        rank[idx] = 2.0  # above every soft value: selected first
+        out = _zero_smallest(rank, k)
+        out[idx] = torch.where(out[idx] != 0, 1.0, 0.0)
+        return out
     soft = soft_mask(log_alpha)
     if log_alpha.dim() == 2 and per_row:
         rows = []
@@ -205,22 +220,42 @@ def grouped_head_mask(
     Returns:
         ``[L, a]``: soft values on the kept heads, 0 elsewhere (see module docstring).
     """
-    n_layers, a = log_alpha.shape
+    soft = soft_mask(log_alpha)
+    return soft * select_grouped_heads(soft, num_query_groups, keep_groups, heads_per_group)
+
+
+@torch.no_grad()
+def select_grouped_heads(
+    score: torch.Tensor, num_query_groups: int, keep_groups: int, heads_per_group: int
+) -> torch.Tensor:
+    """The GQA head selection of :func:`grouped_head_mask` for any per-head score.
+
+    Args:
+        score: ``[L, a]``, larger is better; head ``j`` is in group ``j // (a/g)``.
+        num_query_groups: source groups ``g``.
+        keep_groups: target groups ``g'``.
+        heads_per_group: target query heads per group ``r'``.
+
+    Returns:
+        ``[L, a]`` bool: per layer, the ``r'`` best heads of each of the ``g'`` groups whose
+        ``r'`` best heads score highest in sum.
+    """
+    n_layers, a = score.shape
     g = num_query_groups
     if a % g or keep_groups > g or heads_per_group > a // g:
         raise ValueError(
             f"cannot keep {keep_groups} groups x {heads_per_group} heads of {g} groups x {a // g}"
         )
-    soft = soft_mask(log_alpha).view(n_layers, g, a // g)  # [L, g, r]
-    top = torch.topk(soft, k=heads_per_group, dim=-1)  # [L, g, r']
+    grouped = score.view(n_layers, g, a // g)  # [L, g, r]
+    top = torch.topk(grouped, k=heads_per_group, dim=-1)  # [L, g, r']
     group_score = top.values.sum(-1)  # [L, g]
     groups = torch.topk(group_score, k=keep_groups, dim=-1).indices  # [L, g']
-    keep = torch.zeros_like(soft, dtype=torch.bool)
+    keep = torch.zeros_like(grouped, dtype=torch.bool)
     keep.scatter_(-1, top.indices, True)  # best r' heads of every group
-    group_keep = torch.zeros(n_layers, g, dtype=torch.bool, device=soft.device)
+    group_keep = torch.zeros(n_layers, g, dtype=torch.bool, device=score.device)
     group_keep.scatter_(-1, groups, True)
     keep &= group_keep[:, :, None]
-    return (soft * keep).view(n_layers, a)
+    return keep.view(n_layers, a)
 
 
 @torch.no_grad()
@@ -231,6 +266,7 @@ def deterministic_masks(
     num_query_groups: int | None = None,
     target_query_groups: int | None = None,
     per_row: bool = True,
+    pinned_hidden: list[int] | tuple[int, ...] = (),
 ) -> dict[str, torch.Tensor]:
     """Deterministic masks of every kind from full ``log α`` tensors.
 
@@ -245,6 +281,7 @@ def deterministic_masks(
         target_query_groups: target groups ``g'``; default ``g`` (every group keeps ``a'/g``).
         per_row: select ``head``/``intermediate`` per layer (default) or globally (then a given
             size is per layer and the global budget is ``L`` times it).
+        pinned_hidden: hidden channels always kept with value 1 (:func:`deterministic_mask`).
 
     Returns:
         kind -> mask of the same shape: soft values on survivors, 0 elsewhere.
@@ -264,7 +301,8 @@ def deterministic_masks(
                 continue
         if la.dim() == 2 and not per_row and keep is not None:
             keep = keep * la.shape[0]
-        out[kind] = deterministic_mask(la, keep, per_row=per_row)
+        pinned = pinned_hidden if kind == "hidden" else ()
+        out[kind] = deterministic_mask(la, keep, per_row=per_row, pinned=pinned)
     joint = [k for k in LAYER_KINDS if k in log_alpha and sizes.get(k) is not None]
     if len(joint) > 1:
         n_keep = {sizes[k] for k in joint}

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
 import logging
 import os
 from functools import partial
@@ -35,38 +34,15 @@ from functools import partial
 import torch
 
 from megashear import platform
+from megashear.checkpoint.format import fingerprint
 from megashear.config import DistillConfig, ParallelConfig
 from megashear.model_config import ModelConfig
 
 logger = logging.getLogger(__name__)
 
-# How much of each checkpoint file the fingerprint reads at its start and end.
-FINGERPRINT_BYTES = 1 << 20
-
 
 class DistillError(ValueError):
     """A teacher that cannot distil into this student (one-line message)."""
-
-
-def teacher_fingerprint(path: str) -> str:
-    """A cheap identity of a checkpoint directory: sha256 over every file's relative name, size
-    and first / last MiB (the weights of a different model differ there)."""
-    from megashear.checkpoint.format import resolve
-
-    ckpt_dir = resolve(path)
-    digest = hashlib.sha256()
-    for root, dirs, files in os.walk(ckpt_dir):
-        dirs.sort()
-        for name in sorted(files):
-            full = os.path.join(root, name)
-            size = os.path.getsize(full)
-            digest.update(f"{os.path.relpath(full, ckpt_dir)}\0{size}\0".encode())
-            with open(full, "rb") as f:
-                digest.update(f.read(FINGERPRINT_BYTES))
-                if size > 2 * FINGERPRINT_BYTES:
-                    f.seek(size - FINGERPRINT_BYTES)
-                    digest.update(f.read(FINGERPRINT_BYTES))
-    return digest.hexdigest()[:16]
 
 
 def teacher_model_config(cfg: DistillConfig, student: ModelConfig, par: ParallelConfig, world: int):
@@ -132,7 +108,7 @@ class Teacher:
         for chunk in self.chunks:
             chunk.eval()
             chunk.requires_grad_(False)
-        self.fingerprint = teacher_fingerprint(cfg.teacher)
+        self.fingerprint = fingerprint(cfg.teacher)
         logger.info(
             "teacher %s: %d layers, hidden %d, %d parameters (fingerprint %s)",
             cfg.teacher,

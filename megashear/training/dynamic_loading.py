@@ -44,6 +44,9 @@ class DynamicBatchLoading:
     reference: domain -> reference loss (required unless the rule is ``constant``).
     rule, eta, smoothing, interval: the update (``data.update_rule`` etc.).
     log: a :class:`~megashear.training.run_log.RunLog` (or None).
+    p2_predict: ``(step, L0) -> predicted loss`` of a fitted P² law (or None): each update then
+        also logs ``p2`` = {observed, predicted}, the unweighted mean of the domains' losses and
+        the law's loss with L0 the mean of the reference losses.
     """
 
     def __init__(
@@ -56,6 +59,7 @@ class DynamicBatchLoading:
         smoothing=1e-4,
         interval=50,
         log=None,
+        p2_predict=None,
     ) -> None:
         self.batches, self.valid = batches, valid
         self.names = batches.names
@@ -68,6 +72,12 @@ class DynamicBatchLoading:
         self.reference = reference
         self.rule_name, self.rule = rule, get_rule(rule)
         self.eta, self.smoothing, self.interval, self.log = eta, smoothing, interval, log
+        if p2_predict is not None and reference is None:
+            raise ValueError(
+                "logging.p2_law needs the source's loss L0: fill reference_loss in the manifest "
+                "(megashear evaluate --data.write_reference on the source)"
+            )
+        self.p2_predict = p2_predict
 
     def domain_losses(self, trainer) -> dict[str, float]:
         return domain_losses(trainer, self.valid)
@@ -82,6 +92,16 @@ class DynamicBatchLoading:
             new = self.rule(old, loss, ref, eta=self.eta, smoothing=self.smoothing)
             record["reference"] = dict(self.reference)
             record["excess"] = dict(zip(self.names, (loss - ref).tolist()))
+            if self.p2_predict is not None:
+                predicted = self.p2_predict(trainer.iteration, float(ref.mean()))
+                if predicted is not None:
+                    record["p2"] = {"observed": float(loss.mean()), "predicted": predicted}
+                    logger.info(
+                        "step %d: validation loss %.4f, P² law %.4f",
+                        trainer.iteration,
+                        record["p2"]["observed"],
+                        predicted,
+                    )
         else:
             new = old
         self.batches.sampler.set_weights(new)

@@ -51,7 +51,14 @@ def masked_forward_step(data_iterator, model):
 
 class PruningTrainer(Trainer):
     """Trainer for the masked model. ``target_cfg`` is the shape to prune toward; ``distill``
-    adds a teacher's KD loss to the LM loss (the Lagrangian is unchanged)."""
+    adds a teacher's KD loss to the LM loss (the Lagrangian is unchanged).
+
+    ``init_log_alpha`` (full tensors per pruned kind, e.g.
+    :func:`megashear.pruning.importance.importance_log_alpha`) replaces the N(mean, 0.01)
+    initialisation, and the target sparsity then holds from step 0 (no warm-up: the masks start
+    at the target). ``pinned_hidden`` channels are never sampled (z = 1) and always kept
+    (docs/method.md §8). A resumed run takes its log α from the checkpoint.
+    """
 
     def __init__(
         self,
@@ -63,6 +70,8 @@ class PruningTrainer(Trainer):
         batches: BatchSource,
         ckpt_cfg: CheckpointConfig | None = None,
         distill: DistillConfig | None = None,
+        init_log_alpha: dict[str, torch.Tensor] | None = None,
+        pinned_hidden: list[int] | tuple[int, ...] = (),
     ) -> None:
         from megashear.pruning.targets import target_sparsities, validate_target
 
@@ -80,7 +89,13 @@ class PruningTrainer(Trainer):
         dropped = sorted(set(targets) - set(self.targets))
         if dropped:
             logger.info("not pruning %s: the target keeps those dimensions whole", dropped)
-        self.lagrangian = Lagrangian(self.targets, pruning_cfg.lagrangian_warmup_steps)
+        if init_log_alpha is not None and set(init_log_alpha) < set(self.kinds):
+            missing = sorted(set(self.kinds) - set(init_log_alpha))
+            raise ValueError(f"initial log alpha lacks the pruned kinds {missing}")
+        self.init_log_alpha = init_log_alpha
+        self.pinned_hidden = sorted(pinned_hidden) if "hidden" in self.kinds else []
+        warmup = pruning_cfg.lagrangian_warmup_steps if init_log_alpha is None else 0
+        self.lagrangian = Lagrangian(self.targets, warmup)
         self.lambda_optimizer = self.lagrangian.make_optimizer(lr=pruning_cfg.lr_lambda)
         super().__init__(
             model_cfg,
@@ -112,7 +127,11 @@ class PruningTrainer(Trainer):
                 tp_size=ps.get_tensor_model_parallel_world_size(),
                 seed=self.pcfg.seed,
                 init_mean=self.pcfg.log_alpha_init_mean,
+                pinned_hidden=self.pinned_hidden,
             ).to(next(chunk.parameters()).device)
+            if self.init_log_alpha is not None:
+                bank.load_full_log_alpha({k: self.init_log_alpha[k] for k in self.kinds})
+            bank.hold_pinned()
             if ps.get_pipeline_model_parallel_rank() > 0 and "hidden" in self.kinds:
                 # Replicated on every stage: megatron's grad norm counts "shared" params once.
                 bank.hidden_log_alpha.shared = True
@@ -180,7 +199,12 @@ class PruningTrainer(Trainer):
         """What ``megashear finalize`` needs: the pruned kinds and the target shape."""
         return {
             **super().extra_meta(),
-            "pruning": {"kinds": list(self.kinds), "target": self.target_cfg.to_dict()},
+            "pruning": {
+                "kinds": list(self.kinds),
+                "target": self.target_cfg.to_dict(),
+                "init": "paper" if self.init_log_alpha is None else "importance",
+                "pinned_hidden": self.pinned_hidden,
+            },
         }
 
     def extra_state(self) -> dict:
@@ -200,6 +224,7 @@ class PruningTrainer(Trainer):
         for bank in self.banks:
             for kind in bank.kinds:
                 hc.clamp_log_alpha_(bank.log_alpha(kind))
+            bank.hold_pinned()
 
     # ---------------------------------------------------------------- deterministic masks
 
@@ -229,6 +254,7 @@ class PruningTrainer(Trainer):
             sizes,
             num_query_groups=self.model_cfg.num_query_groups,
             target_query_groups=self.target_cfg.num_query_groups if sizes else None,
+            pinned_hidden=self.pinned_hidden,
         )
         for bank in self.banks:
             bank.set_masks(bank.local_slices(full))

@@ -409,6 +409,25 @@ def fit_p2(
         )
     if "beta" in model.free and len(np.unique(points.tokens)) < 2:
         raise ValueError("every point has the same token count: the fit needs a loss curve")
+
+    with _one_blas_thread():
+        return _fit(points, model, reasons, messages, loss, target, huber_delta, starts)
+
+
+def _one_blas_thread():
+    """BLAS on one thread: the fit's matrices are tiny, and a threaded BLAS on busy cores makes
+    every L-BFGS-B step spin (40x slower on two shared cores)."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # optional: the fit is the same, only slower on a busy machine
+        import contextlib
+
+        return contextlib.nullcontext()
+    return threadpool_limits(1, user_api="blas")
+
+
+def _fit(points, model, reasons, messages, loss, target, huber_delta, starts) -> FitResult:
+    n_free = len(model.free)
     bounds = [_BOUNDS[p] for p in model.free]
 
     def objective(theta):
@@ -418,10 +437,11 @@ def fit_p2(
         value, psi = _huber(r, huber_delta)
         return value, jac.T @ psi
 
+    initial = _starts(model, loss, target, huber_delta, max(1, starts))
+    if not initial:
+        raise ValueError("no grid point gives finite predictions for these points")
     best = None
-    for theta0 in _starts(model, loss, target, huber_delta, max(1, starts)) or [None]:
-        if theta0 is None:
-            raise ValueError("no grid point gives finite predictions for these points")
+    for theta0 in initial:
         if n_free == 0:
             best = (objective(theta0)[0], theta0)
             break

@@ -168,6 +168,9 @@ PRESETS: dict[str, ModelConfig] = {
     "llama2-13b": ModelConfig(40, 5120, 40, 40, 13824, 32000, seq_length=4096),
     "llama2-70b": ModelConfig(80, 8192, 64, 8, 28672, 32000, seq_length=4096),
     "llama3-8b": ModelConfig(32, 4096, 32, 8, 14336, 128256, seq_length=8192, rotary_base=500000.0),
+    "llama3-70b": ModelConfig(
+        80, 8192, 64, 8, 28672, 128256, seq_length=8192, rotary_base=500000.0,
+    ),
     "llama3.1-8b": ModelConfig(
         32, 4096, 32, 8, 14336, 128256, seq_length=8192, rotary_base=500000.0,
         rope_scaling="llama3", rope_scaling_factor=8.0,

@@ -24,6 +24,15 @@ patches, each a few lines, each recorded in :data:`PATCHES` with the failure it 
 ``clip_grads``
     ``clip_grad_by_total_norm_fp32`` asserts ``grad.type() == 'torch.cuda.FloatTensor'``; the
     replacement checks the dtype instead (and scales with ``torch._foreach_mul_``).
+``optimizer_type_names``
+    megatron-core's distributed optimizer (and its mixed-precision optimizer) sorts the
+    parameters into fp32 and 16-bit groups by their type name, ``param.type() ==
+    'torch.cuda.FloatTensor'``, and raises ``TypeError: Wrapped parameters must be one of
+    torch.cuda.FloatTensor, ...`` for a CPU tensor (``torch.FloatTensor``). While those two
+    constructors run, a CPU tensor's ``type()`` reports the CUDA name of its dtype (every other
+    use of ``Tensor.type`` is passed through): the parameters land in the same groups as on a
+    GPU. The optimizer's collectives (``reduce_scatter_tensor`` and ``all_gather_into_tensor``
+    over the DP group) run on gloo as they are.
 
 ``checkpoint_writer``
     ``dist_checkpointing.save`` (torch_dist) forks one writer process per bucket and, on first
@@ -715,6 +724,44 @@ def _write_buckets_in_process(
     global_results_queue.put(results)
 
 
+@contextlib.contextmanager
+def _cuda_type_names():
+    """Within the block, ``cpu_tensor.type()`` (no argument) is the CUDA type name of its dtype,
+    ``torch.cuda.FloatTensor`` for ``torch.FloatTensor``; ``type(dtype)`` converts as always."""
+    real = torch.Tensor.type
+
+    def type_(self, dtype=None, non_blocking=False, **kwargs):
+        if dtype is None and not kwargs and self.device.type == "cpu":
+            return real(self).replace("torch.", "torch.cuda.", 1)
+        return real(self, dtype, non_blocking, **kwargs)
+
+    torch.Tensor.type = type_
+    try:
+        yield
+    finally:
+        torch.Tensor.type = real
+
+
+def _patch_optimizer_type_names() -> None:
+    from megatron.core.optimizer import distrib_optimizer, optimizer
+
+    for cls in (
+        distrib_optimizer.DistributedOptimizer,
+        optimizer.Float16OptimizerWithFloat16Params,
+    ):
+        init = cls.__init__
+        if getattr(init, "_cpu_type_names", False):
+            continue
+
+        @functools.wraps(init)
+        def init_with_cuda_type_names(self, *args, _init=init, **kwargs) -> None:
+            with _cuda_type_names():
+                _init(self, *args, **kwargs)
+
+        init_with_cuda_type_names._cpu_type_names = True
+        cls.__init__ = init_with_cuda_type_names
+
+
 def _patch_checkpoint_writer() -> None:
     import queue
 
@@ -745,6 +792,12 @@ PATCHES: tuple[Patch, ...] = (
     Patch("tensor_cuda", _patch_tensor_cuda, "Tensor.cuda() in optimizer/checkpoint loading"),
     Patch("rng_tracker", _patch_rng_tracker, "model_parallel_cuda_manual_seed reading CUDA RNG"),
     Patch("clip_grads", _patch_clip_grads, "AssertionError on grad.type() in grad clipping"),
+    Patch(
+        "optimizer_type_names",
+        _patch_optimizer_type_names,
+        "TypeError: Wrapped parameters must be one of torch.cuda.FloatTensor, ... (the "
+        "distributed optimizer and the bf16 optimizer sort parameters by CUDA type name)",
+    ),
     Patch(
         "checkpoint_writer",
         _patch_checkpoint_writer,

@@ -48,6 +48,23 @@ def probe_clip_grads():
     assert torch.allclose(p.grad, torch.full((3,), 0.5), atol=1e-5)
 
 
+def probe_optimizer_type_names():
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    model = _tiny_ddp_model(dist_opt=True)
+    config = OptimizerConfig(optimizer="adam", lr=0.1, use_distributed_optimizer=True)
+    optimizer = get_megatron_optimizer(config, [model])
+    tokens = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    before = [p.detach().clone() for p in model.parameters()]
+    model.zero_grad_buffer()
+    optimizer.zero_grad()
+    model(tokens, torch.arange(8).expand(2, 8), None, labels=tokens).sum().backward()
+    model.finish_grad_sync()
+    update_ok, grad_norm, _ = optimizer.step()
+    assert update_ok and grad_norm > 0
+    assert all(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
+
+
 def probe_checkpoint_writer():
     import multiprocessing
     import tempfile
@@ -142,9 +159,10 @@ def probe_rope_tables():
     )
 
 
-def _tiny_ddp_model(tied: bool = False, odd_param: bool = False):
+def _tiny_ddp_model(tied: bool = False, odd_param: bool = False, dist_opt: bool = False):
     """A one-layer LLaMA (h 16, vocab 64) wrapped in megatron's DDP, as the trainers wrap it;
-    ``odd_param`` registers a 3-element parameter last, like a pruning model's mask bank."""
+    ``odd_param`` registers a 3-element parameter last, like a pruning model's mask bank;
+    ``dist_opt`` lays the buffers out for the distributed optimizer."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
     from megashear.config import ParallelConfig
@@ -157,9 +175,10 @@ def _tiny_ddp_model(tied: bool = False, odd_param: bool = False):
     if odd_param:
         chunk.odd = torch.nn.Module()
         chunk.odd.log_alpha = torch.nn.Parameter(torch.zeros(3))
-    return DistributedDataParallel(
-        tconfig, DistributedDataParallelConfig(grad_reduce_in_fp32=True), chunk
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, use_distributed_optimizer=dist_opt
     )
+    return DistributedDataParallel(tconfig, ddp_config, chunk)
 
 
 def probe_tied_embedding_wgrad():

@@ -5,7 +5,8 @@ Usage: ``torchrun --standalone --nproc_per_node N tests/prune_worker.py PLAN.jso
 Job fields: ``name``, ``model`` (preset name, or a ``ModelConfig.to_dict()`` dict), ``target``
 (dict of target ModelConfig overrides), ``kinds``, ``tp``, ``pp``, ``init`` (model-only checkpoint
 to load), ``save_init``, ``seq_length`` (length of the synthetic batches; default the model's),
-``tokens`` (a ``[B, s]`` int64 batch for ``logits``; default the synthetic batch), ``mode``:
+``tokens`` (a ``[B, s]`` int64 batch for ``logits``; default the synthetic batch),
+``init_log_alpha`` (full log α per kind) and ``pinned_hidden`` (PruningTrainer's), ``mode``:
 
 - ``grads``: one training step's sampled masks and log α gradients (gathered, full);
 - ``ones``: LM loss with every mask forced to 1, and the plain model's loss on the same batch;
@@ -60,7 +61,15 @@ def make_trainer(job: dict) -> PruningTrainer:
     ckpt = CheckpointConfig(save=job.get("save"), load=job.get("load"))
     seq = job.get("seq_length", cfg.seq_length)
     trainer = PruningTrainer(
-        cfg, target, pcfg, par, train, SyntheticBatches(cfg.vocab_size, seq, 3), ckpt
+        cfg,
+        target,
+        pcfg,
+        par,
+        train,
+        SyntheticBatches(cfg.vocab_size, seq, 3),
+        ckpt,
+        init_log_alpha=job.get("init_log_alpha"),
+        pinned_hidden=job.get("pinned_hidden", ()),
     )
     if job.get("init"):
         checkpointing.load_model_weights(trainer.model, cfg, job["init"])

@@ -23,8 +23,9 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("megashear.cli",),
     # the jobs the commands run (importance, one-shot, fit-p2, plan, ...)
     ("megashear.jobs",),
-    # commands built on both training and conversion / on training's run logs
-    ("megashear.finalize_run", "megashear.plots"),
+    # commands built on both training and conversion / on training's run logs; the downstream
+    # (lm-eval) task and score of exported models
+    ("megashear.finalize_run", "megashear.plots", "megashear.evaluation"),
     # the trainers and the checkpoint converters: siblings, neither imports the other
     ("megashear.training", "megashear.conversion"),
     # torch.distributed + megatron parallel_state (checks the layout against the model)

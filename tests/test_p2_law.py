@@ -259,3 +259,43 @@ def test_read_points_json(tmp_path):
     path = tmp_path / "fit.json"
     path.write_text(json.dumps({"points": grid(TRUE, n0s=(1e9,)).rows()}))
     assert len(read_points(str(path))) == len(RATES) * len(TOKENS)
+
+
+def test_dynamic_loading_logs_the_prediction_beside_the_observed_loss():
+    """With a predictor (logging.p2_law), every domain update records the observed mean
+    validation loss and the law's loss at the run's tokens, L0 the mean reference loss."""
+    from types import SimpleNamespace
+
+    from megashear.training.dynamic_loading import DynamicBatchLoading
+
+    class Sampler:
+        weights = np.array([0.5, 0.5])
+
+        def set_weights(self, w):
+            self.weights = np.asarray(w)
+
+    class Log:
+        records: list = []
+
+        def log(self, kind, step, values):
+            self.records.append((kind, step, values))
+
+    class Fixed(DynamicBatchLoading):
+        def domain_losses(self, trainer):
+            return {"web": 4.0, "books": 4.4}
+
+    batches = SimpleNamespace(names=["web", "books"], sampler=Sampler())
+    calls = []
+
+    def predict(step, l0):
+        calls.append((step, l0))
+        return 3.5
+
+    log = Log()
+    dyn = Fixed(batches, {}, {"web": 3.0, "books": 3.2}, "paper", log=log, p2_predict=predict)
+    dyn.update(SimpleNamespace(iteration=50))
+    kind, step, record = log.records[-1]
+    assert (kind, step) == ("domain_update", 50) and calls == [(50, pytest.approx(3.1))]
+    assert record["p2"] == {"observed": pytest.approx(4.2), "predicted": 3.5}
+    with pytest.raises(ValueError, match="needs the source's loss"):
+        Fixed(batches, {}, None, "constant", p2_predict=predict)

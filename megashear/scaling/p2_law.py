@@ -11,11 +11,13 @@
 The constants are fitted Chinchilla style (:func:`fit_p2`): a Huber loss on the residuals of
 log-loss, ``log L_pred − log L_obs`` (or, with ``target="log_gap"``, of ``log(L − L0)``), is
 minimised by L-BFGS-B from the best points of a grid. The grid runs over the exponents
-(γ, δ, α, β); for each, the linear constants (N_C, D_C, E ≥ 0) are solved by non-negative least
-squares on ``L − L0``, so that every start is consistent with the data. N_C, D_C and E are
-optimised as logarithms (positive). Confidence intervals are the Gauss-Newton ones: the
-covariance ``s² (JᵀJ)⁻¹`` of the residual Jacobian at the optimum, ``s²`` the residual variance,
-with Student-t quantiles (N_C, D_C, E: on their logarithms, so their intervals stay positive).
+(γ, δ, α, β); for each, the linear constants are solved by bounded least squares on
+``L − L0`` (N_C, D_C ≥ 0), so that every start is consistent with the data. N_C and D_C are
+optimised as logarithms (positive); E is signed (a negative E puts the law's asymptote below
+L0, which a pruned model post-trained on a corpus its source never saw can reach). Confidence
+intervals are the Gauss-Newton ones: the covariance ``s² (JᵀJ)⁻¹`` of the residual Jacobian at
+the optimum, ``s²`` the residual variance, with Student-t quantiles (N_C, D_C: on their
+logarithms, so their intervals stay positive).
 
 Constants the data cannot identify are held fixed (:func:`unidentifiable`), each with the
 reason: with one N0, δ, α and N_C (``N0^−δ·(N_C/N0^α + E)`` is one constant, fitted as E); with
@@ -38,7 +40,11 @@ logger = logging.getLogger(__name__)
 PARAMS = ("gamma", "delta", "n_c", "alpha", "d_c", "beta", "e")
 """The law's constants, in the order of the formula."""
 LINEAR = ("n_c", "d_c", "e")
-"""The constants that multiply a term (fitted as logarithms; a fixed 0 removes the term)."""
+"""The constants that multiply a term (a fixed 0 removes the term)."""
+LOG = ("n_c", "d_c")
+"""The constants fitted as logarithms (positive); E is signed: an asymptote below L0 is allowed
+(a pruned model post-trained on a corpus its source never saw can end below the source's loss
+on it)."""
 SYMBOLS = {
     "gamma": "γ",
     "delta": "δ",
@@ -62,7 +68,7 @@ _BOUNDS = {
     "alpha": (0.0, 3.0),
     "d_c": (-40.0, 40.0),
     "beta": (1e-3, 3.0),
-    "e": (-40.0, 40.0),
+    "e": (-1e4, 1e4),
 }
 _GRID = {
     "gamma": (-2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0),
@@ -261,18 +267,18 @@ class _Model:
         """Internal values of every constant (linear ones as logs; a fixed 0 is -inf)."""
         values = dict(zip(self.free, theta.tolist()))
         for p, v in self.fixed.items():
-            values[p] = (math.log(v) if v > 0 else -math.inf) if p in LINEAR else v
+            values[p] = (math.log(v) if v > 0 else -math.inf) if p in LOG else v
         return values
 
     def law(self, theta: np.ndarray) -> P2Law:
         values = self.full(theta)
-        return P2Law(**{p: math.exp(values[p]) if p in LINEAR else values[p] for p in PARAMS})
+        return P2Law(**{p: math.exp(values[p]) if p in LOG else values[p] for p in PARAMS})
 
     def terms(self, values: dict[str, float]) -> tuple[np.ndarray, ...]:
         factor = np.exp(-values["gamma"] * self.u - values["delta"] * self.v)
         a = np.exp(values["n_c"] - values["alpha"] * self.v)
         b = np.exp(values["d_c"] - values["beta"] * self.w)
-        c = np.full_like(self.u, math.exp(values["e"]))
+        c = np.full_like(self.u, values["e"])
         return factor, a, b, c
 
     def gap_and_jacobian(self, theta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -286,7 +292,7 @@ class _Model:
             "alpha": -self.v * factor * a,
             "d_c": factor * b,
             "beta": -self.w * factor * b,
-            "e": factor * c,
+            "e": factor,
         }
         return gap, np.stack([columns[p] for p in self.free], axis=1)
 
@@ -310,7 +316,7 @@ def _residuals(model: _Model, theta, loss, target) -> tuple[np.ndarray, np.ndarr
 
 def _starts(model: _Model, loss: np.ndarray, target: str, delta: float, count: int) -> list:
     """The ``count`` best grid points: the exponents from a grid, the linear constants from
-    non-negative least squares on ``L − L0`` at each."""
+    least squares on ``L − L0`` at each (N_C, D_C >= 0)."""
     y = loss - model.l0
     weight = 1.0 / (y if target == "log_gap" else loss)  # the residual's first-order scale
     grids = [_GRID[p] if p not in model.fixed else (model.fixed[p],) for p in _GRID]
@@ -321,8 +327,7 @@ def _starts(model: _Model, loss: np.ndarray, target: str, delta: float, count: i
             for alpha in grids[2]:
                 for beta in grids[3]:
                     values = {"gamma": gamma, "delta": delta_, "alpha": alpha, "beta": beta}
-                    for p in LINEAR:
-                        values[p] = 0.0
+                    values.update(n_c=0.0, d_c=0.0, e=1.0)
                     factor, a, b, c = model.terms(values)  # unit constants
                     basis = {"n_c": factor * a, "d_c": factor * b, "e": factor * c}
                     rhs = y.copy()
@@ -331,12 +336,15 @@ def _starts(model: _Model, loss: np.ndarray, target: str, delta: float, count: i
                             rhs -= model.fixed[p] * basis[p]
                     if linear_free:
                         matrix = np.stack([basis[p] for p in linear_free], axis=1)
-                        coef, _ = optimize.nnls(matrix * weight[:, None], rhs * weight)
+                        lower = [0.0 if p in LOG else -np.inf for p in linear_free]
+                        coef = optimize.lsq_linear(
+                            matrix * weight[:, None], rhs * weight, bounds=(lower, np.inf)
+                        ).x
                     else:
                         coef = np.zeros(0)
                     scale = max(float(np.abs(y).mean()), 1e-12)
                     for p, k in zip(linear_free, coef):
-                        values[p] = math.log(max(k, 1e-9 * scale))
+                        values[p] = math.log(max(k, 1e-9 * scale)) if p in LOG else float(k)
                     theta = np.array([values[p] for p in model.free])
                     theta = np.clip(theta, *zip(*(_BOUNDS[p] for p in model.free)))
                     r, _ = _residuals(model, theta, loss, target)
@@ -356,7 +364,7 @@ def fit_p2(
     """Fit the P² law to ``points`` (which must carry losses).
 
     Args:
-        fixed: constants held at given values (N_C, D_C, E ≥ 0; a 0 removes its term); those
+        fixed: constants held at given values (N_C, D_C ≥ 0; a 0 removes its term); those
             the points cannot identify are added with a message (:func:`unidentifiable`).
         target: ``"log_loss"``: Huber on ``log L_pred − log L_obs`` (the issue's and
             Chinchilla's choice; defined whatever the sign of ``L − L0``); ``"log_gap"``: on
@@ -381,7 +389,7 @@ def fit_p2(
             raise ValueError(f"cannot fix {p!r}: the constants are {', '.join(PARAMS)}")
         if not isinstance(v, (int, float)) or not math.isfinite(v):
             raise ValueError(f"fixed {p} must be a finite number, got {v!r}")
-        if p in LINEAR and v < 0:
+        if p in LOG and v < 0:
             raise ValueError(f"fixed {p} must be >= 0 (it multiplies a term), got {v:g}")
     loss = points.loss
     if target == "log_gap" and np.any(loss <= points.l0):
@@ -499,7 +507,7 @@ def _intervals(model: _Model, theta, loss, target) -> tuple[dict, list[str]]:
     for i, q in enumerate(model.free):
         half = t * math.sqrt(max(cov[i, i], 0.0))
         lo, hi = theta[i] - half, theta[i] + half
-        if q in LINEAR:
+        if q in LOG:
             lo, hi = math.exp(min(lo, 700.0)), math.exp(min(hi, 700.0))
         out[q] = [float(lo), float(hi)]
     return out, messages

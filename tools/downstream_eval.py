@@ -1,0 +1,92 @@
+#!/usr/bin/env python3
+"""Build a held-out lm-eval task from the corpus, or score a Hugging Face model on it (offline).
+
+    python tools/downstream_eval.py build --corpus ../shared/corpus --out runs/heldout_task \\
+        [--items-per-domain 35] [--context-chars 320] [--min-continuation-chars 60] \\
+        [--max-continuation-chars 100] [--seed 1234] [--min-skip-bytes 4000000] \\
+        [--tail-bytes N] [--name megashear_heldout] [--overwrite]
+    python tools/downstream_eval.py score --model HF_DIR --task runs/heldout_task \\
+        [--batch-size 8] [--threads 2] [--limit N]
+
+``build`` writes a 4-way multiple-choice continuation task (an lm-eval YAML, its JSON Lines items,
+a loader and the build metadata) from documents past each domain file's first
+``--min-skip-bytes`` (``megashear.evaluation.downstream_task``). ``score`` runs lm-eval's ``hf``
+model on the CPU in float32 with the hub and datasets offline
+(``megashear.evaluation.lm_eval_score``; needs the ``eval`` extra). Each prints one JSON line;
+bad input is one ``error:`` line and exit code 2. See docs/downstream_eval.md.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+
+def build(args) -> dict:
+    from megashear.evaluation.downstream_task import TaskSpec, build_task
+
+    spec = TaskSpec(
+        items_per_domain=args.items_per_domain,
+        context_chars=args.context_chars,
+        min_continuation_chars=args.min_continuation_chars,
+        max_continuation_chars=args.max_continuation_chars,
+        seed=args.seed,
+        min_skip_bytes=args.min_skip_bytes,
+        tail_bytes=args.tail_bytes,
+        name=args.name,
+    )
+    return build_task(args.corpus, args.out, spec, overwrite=args.overwrite)
+
+
+def score(args) -> dict:
+    from megashear.evaluation.lm_eval_score import score as lm_eval_score
+
+    return lm_eval_score(
+        args.model, args.task, batch_size=args.batch_size, threads=args.threads, limit=args.limit
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    from megashear.cli import OneLineArgumentParser
+    from megashear.evaluation.downstream_task import DEFAULT_TASK_NAME, TaskSpec
+
+    parser = OneLineArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("build", help="build the held-out task from a corpus directory")
+    d = TaskSpec()
+    b.add_argument("--corpus", required=True, help="a directory of <domain>.jsonl[.xz] files")
+    b.add_argument("--out", required=True, help="the task directory to write")
+    b.add_argument("--items-per-domain", type=int, default=d.items_per_domain)
+    b.add_argument("--context-chars", type=int, default=d.context_chars)
+    b.add_argument("--min-continuation-chars", type=int, default=d.min_continuation_chars)
+    b.add_argument("--max-continuation-chars", type=int, default=d.max_continuation_chars)
+    b.add_argument("--seed", type=int, default=d.seed)
+    b.add_argument(
+        "--min-skip-bytes",
+        type=int,
+        default=d.min_skip_bytes,
+        help="leading text of each domain file that runs may read; no item comes from it",
+    )
+    b.add_argument(
+        "--tail-bytes",
+        type=int,
+        default=None,
+        help="take items from each file's last N bytes only (refused if they reach the skip)",
+    )
+    b.add_argument("--name", default=DEFAULT_TASK_NAME, help="the lm-eval task name")
+    b.add_argument("--overwrite", action="store_true", help="rebuild an existing task")
+    s = sub.add_parser("score", help="score a Hugging Face model directory on a built task")
+    s.add_argument("--model", required=True, help="a local Hugging Face model directory")
+    s.add_argument("--task", required=True, help="a task directory written by build")
+    s.add_argument("--batch-size", type=int, default=8)
+    s.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    s.add_argument("--limit", type=int, default=None, help="score only the first N items")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from megashear.cli import run_tool
+
+    return run_tool(lambda: build(args) if args.command == "build" else score(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -427,6 +427,6 @@ def test_a_pinned_channel_samples_one_whatever_its_log_alpha():
     assert torch.stack(others).mean() < 0.1  # the unpinned ones are sampled: mostly 0
     bank.hold_pinned()
     assert bank.hidden_log_alpha[[2, 5]].tolist() == pytest.approx([hc.LOG_ALPHA_MAX] * 2)
-    assert bank.hidden_log_alpha[0] == pytest.approx(hc.LOG_ALPHA_MIN)
+    assert float(bank.hidden_log_alpha[0]) == pytest.approx(hc.LOG_ALPHA_MIN)
     with pytest.raises(ValueError, match="pinned hidden channels need the hidden mask kind"):
         MaskBank(("head",), 8, 2, 4, 1, [0], pinned_hidden=[2])

@@ -110,6 +110,20 @@ def test_one_source_fixes_delta_alpha_and_n_c_and_says_why():
     assert set(held.fixed) == {"delta", "alpha", "n_c"}
 
 
+def test_an_asymptote_below_l0_is_recovered():
+    """E < 0: the law's curve ends below L0 (a corpus the source never trained on)."""
+    below = P2Law(gamma=-0.7, delta=0.0, n_c=0.0, alpha=0.0, d_c=0.2, beta=0.45, e=-0.05)
+    points = grid(below, n0s=(SMOLLM2,))
+    result = fit_p2(points)
+    assert result.law.e == pytest.approx(-0.05, rel=1e-3)
+    assert result.law.d_c == pytest.approx(0.2, rel=1e-3)
+    far = 10 * points.tokens.max()
+    assert np.all(below.gap(points.n0, points.n, far) < 0)  # beyond the data: below L0
+    assert result.law.gap(points.n0, points.n, far) == pytest.approx(
+        below.gap(points.n0, points.n, far), rel=1e-3
+    )
+
+
 def test_one_rate_fixes_gamma():
     points = grid(TRUE, n0s=(SMOLLM2,), rates=(0.5,))
     result = fit_p2(points)

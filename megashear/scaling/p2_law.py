@@ -335,11 +335,16 @@ def _starts(model: _Model, loss: np.ndarray, target: str, delta: float, count: i
                         if p in model.fixed:
                             rhs -= model.fixed[p] * basis[p]
                     if linear_free:
-                        matrix = np.stack([basis[p] for p in linear_free], axis=1)
-                        lower = [0.0 if p in LOG else -np.inf for p in linear_free]
-                        coef = optimize.lsq_linear(
-                            matrix * weight[:, None], rhs * weight, bounds=(lower, np.inf)
-                        ).x
+                        # E is signed: non-negative least squares on E+ and E- (E = E+ - E-)
+                        cols = [basis[p] for p in linear_free]
+                        if "e" in linear_free:
+                            cols.append(-basis["e"])
+                        matrix = np.stack(cols, axis=1)
+                        coef, _ = optimize.nnls(matrix * weight[:, None], rhs * weight)
+                        if "e" in linear_free:
+                            coef = (
+                                coef[:-1] - np.eye(len(coef) - 1)[linear_free.index("e")] * coef[-1]
+                            )
                     else:
                         coef = np.zeros(0)
                     scale = max(float(np.abs(y).mean()), 1e-12)

@@ -26,6 +26,9 @@ setup(
         "gpu": ["transformer-engine[pytorch]>=2.0", "flash-attn>=2.6"],
         "hf": ["transformers>=4.45", "gguf==0.19.0", "accelerate==1.15.0"],
         "logging": ["tensorboard>=2.15", "matplotlib>=3.8"],
+        # lm-eval scores exported models on the held-out task (docs/downstream_eval.md); it
+        # leaves the CPU torch alone (about 30 s and 470 MB more, most of it pyarrow and pandas).
+        "eval": ["lm_eval==0.4.13"],
         "dev": [
             "pytest>=8",
             "ruff>=0.6",
@@ -34,6 +37,7 @@ setup(
             "accelerate==1.15.0",
             "tensorboard>=2.15",
             "matplotlib>=3.8",
+            "lm_eval==0.4.13",
         ],
     },
     entry_points={"console_scripts": ["megashear=megashear.cli:main"]},

@@ -453,7 +453,7 @@ COMMANDS: dict[str, Command] = {
     "prune": Command(
         "megashear.cli:cmd_prune",
         "targeted structured pruning with hard-concrete masks",
-        sections=(*_RUN, "pruning", "distill", "data", "logging"),
+        sections=(*_RUN, "pruning", "importance", "distill", "data", "logging"),
     ),
     "finalize": Command(
         "megashear.cli:cmd_finalize",

@@ -430,3 +430,44 @@ def test_a_pinned_channel_samples_one_whatever_its_log_alpha():
     assert float(bank.hidden_log_alpha[0]) == pytest.approx(hc.LOG_ALPHA_MIN)
     with pytest.raises(ValueError, match="pinned hidden channels need the hidden mask kind"):
         MaskBank(("head",), 8, 2, 4, 1, [0], pinned_hidden=[2])
+
+
+# ------------------------------------------------------------------ bad input: one line
+
+
+def one_line_error(proc, message: str) -> None:
+    assert proc.returncode == 2, (proc.stdout + proc.stderr)[-1500:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error:") and message in last, last
+
+
+def test_bad_input_is_one_line_and_writes_nothing(work):
+    tmp = work["tmp"]
+    mha_scores = tmp / "bad_mha_scores.pt"
+    run_importance(work["mha"], work["tokens"], mha_scores)
+    target = [f"--pruning.target_{k}={v}" for k, v in TARGET.items()]
+    cut = tmp / "bad_cut"
+    # scores of another model (the MHA model's, for the GQA checkpoint)
+    proc = megashear_cli("one-shot", f"--checkpoint.load={work['gqa']}",
+                         f"--checkpoint.save={cut}", f"--importance.path={mha_scores}", *target)  # fmt: skip
+    one_line_error(proc, "scores another")
+    # a target the source cannot give
+    proc = megashear_cli("one-shot", "--method=leading", f"--checkpoint.load={work['gqa']}",
+                         f"--checkpoint.save={cut}", "--pruning.target_hidden_size=80")  # fmt: skip
+    one_line_error(proc, "target hidden size 80 is larger than the source's 64")
+    # a pruning setting a cut would ignore
+    proc = megashear_cli("one-shot", "--method=leading", f"--checkpoint.load={work['gqa']}",
+                         f"--checkpoint.save={cut}", "--pruning.lr_lambda=2", *target)  # fmt: skip
+    one_line_error(proc, "pruning.lr_lambda does not apply to a one-shot cut")
+    assert not cut.exists()
+    # no calibration data
+    out = tmp / "bad_scores.pt"
+    proc = megashear_cli("importance", f"--checkpoint.load={work['gqa']}",
+                         f"--importance.path={out}", f"--logging.dir={tmp / 'bad_log'}")  # fmt: skip
+    one_line_error(proc, "no calibration data")
+    assert not out.exists()
+    # importance init without scores
+    proc = megashear_cli("prune", f"--checkpoint.load={work['gqa']}", "--data.synthetic=true",
+                         "--pruning.init=importance", f"--importance.path={out}",
+                         f"--logging.dir={tmp / 'bad_log'}", *target)  # fmt: skip
+    one_line_error(proc, "do not exist (run megashear importance)")

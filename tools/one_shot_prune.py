@@ -1,120 +1,65 @@
 #!/usr/bin/env python3
-"""Cut a megashear checkpoint to a target shape without learned masks (one-shot baseline).
+"""The one-shot cut under its old flags: a thin alias of ``megashear one-shot``.
 
-    python tools/one_shot_prune.py --load CKPT --save OUT \\
+    python tools/one_shot_prune.py --load CKPT --save OUT [--method leading|importance] \\
         [--target-num-layers L] [--target-hidden-size H] [--target-num-attention-heads A] \\
-        [--target-num-query-groups G] [--target-ffn-hidden-size F] \\
-        [--parallel.tp N --parallel.pp M] [--dtype fp32|bf16|fp16] [--overwrite]
+        [--target-num-query-groups G] [--target-ffn-hidden-size F] [--tp N] [--pp M] \\
+        [--overwrite]
 
-Every layer keeps its first G key/value groups with their first A/G query heads, the model its
-first H hidden channels, every layer its first F FFN units, and the first L layers are kept
-(``megashear.pruning.one_shot.leading_masks``); ``megashear.pruning.finalize.finalize`` slices
-the weights (the survivors' masks are exactly 1, so nothing is rescaled; a tied model stays tied).
-Unset target fields keep the source's size; the head dim, vocabulary and RoPE are the source's.
-
-The source is read one layer at a time (``CheckpointReader``; layers that are cut are never
-read) and the result is written through ``write_checkpoint`` under a temporary name renamed at the
-end, chunked for ``--parallel.tp/--parallel.pp`` (short: ``--tp/--pp``; any layout loads it). It
-is a plain model checkpoint: ``megashear train --checkpoint.load=OUT`` continues it. Bad input gives a one-line error, exit
-code 2, and no output; an existing ``--save`` needs ``--overwrite``. Prints one JSON line.
+runs ``megashear one-shot --checkpoint.load=CKPT --checkpoint.save=OUT
+--pruning.target_num_layers=L ... --parallel.tp=N --overwrite=true``. The method defaults to
+``leading`` here, as this script always cut (``megashear one-shot`` defaults to
+``importance``). Any other flag is passed on unchanged, so the command's own spelling works too.
 """
 
 from __future__ import annotations
 
-import os
 import sys
-from collections.abc import Mapping
 
 from megashear.pruning.targets import TARGET_FIELDS
 
-DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+ALIASES = {
+    "--load": "--checkpoint.load",
+    "--save": "--checkpoint.save",
+    "--tp": "--parallel.tp",
+    "--pp": "--parallel.pp",
+    **{f"--target-{f.replace('_', '-')}": f"--pruning.target_{f}" for f in TARGET_FIELDS},
+}
 
 
-class LazyCanonical(Mapping):
-    """Canonical weights of a checkpoint, each cut from the reader's tensors when asked for."""
-
-    def __init__(self, reader, cfg) -> None:
-        from megashear.layout import canonical_order
-
-        self.reader, self.cfg = reader, cfg
-        self.keys_ = canonical_order(cfg)
-
-    def __getitem__(self, key: str):
-        from megashear.conversion.megatron_layout import canonical_tensor
-
-        if key not in self.keys_:
-            raise KeyError(key)
-        return canonical_tensor(key, self.reader, self.cfg)
-
-    def __iter__(self):
-        return iter(self.keys_)
-
-    def __len__(self) -> int:
-        return len(self.keys_)
-
-
-def one_shot(args) -> dict:
-    import torch
-
-    from megashear.checkpoint.publish import check_output_path
-    from megashear.config import ParallelConfig
-    from megashear.conversion.dist_stream import CheckpointReader, write_checkpoint
-    from megashear.conversion.megatron_layout import megatron_tensor
-    from megashear.models.llama import validate_layout
-    from megashear.parallel import init_distributed
-    from megashear.pruning.one_shot import one_shot_prune
-    from megashear.pruning.targets import make_target, validate_target
-
-    check_output_path(args.load, args.save, args.overwrite)
-    init_distributed()
-    dtype = None if args.dtype is None else getattr(torch, DTYPES[args.dtype])
-    reader = CheckpointReader(args.load, dtype)
-    source = reader.cfg
-    target = make_target(source, **{f: getattr(args, f"target_{f}") for f in TARGET_FIELDS})
-    validate_target(source, target)
-    validate_layout(target, ParallelConfig(tp=args.tp, pp=args.pp), args.tp * args.pp)
-    weights, cfg = one_shot_prune(LazyCanonical(reader, source), source, target)
-    write_checkpoint(
-        args.save,
-        cfg,
-        lambda name: megatron_tensor(name, weights.__getitem__, cfg),
-        reader.dtype,
-        tp=args.tp,
-        pp=args.pp,
-        overwrite=args.overwrite,
-        extra_meta={"one_shot": {"source": str(reader.dir), "source_model": source.to_dict()}},
-        progress=False,
-    )
-    return {
-        "saved": args.save,
-        "model": cfg.to_dict(),
-        "parameters": cfg.num_parameters(),
-        "source_parameters": source.num_parameters(),
-        "dtype": str(reader.dtype).replace("torch.", ""),
-    }
+def translate(argv: list[str]) -> list[str]:
+    """The old flags in the command's spelling (``--flag value`` and ``--flag=value`` alike)."""
+    out, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        name, eq, value = arg.partition("=")
+        if name == "--overwrite" and not eq:
+            out.append("--overwrite=true")
+        elif name == "--dtype":
+            raise ValueError("--dtype is gone: the cut keeps the source's stored dtype")
+        elif name in ALIASES:
+            if not eq:
+                if i + 1 >= len(argv):
+                    raise ValueError(f"{name} needs a value")
+                value, i = argv[i + 1], i + 1
+            out.append(f"{ALIASES[name]}={value}")
+        else:
+            out.append(arg)
+        i += 1
+    if not any(a.startswith("--method") for a in out):
+        out.insert(0, "--method=leading")
+    return ["one-shot", *out]
 
 
 def main(argv: list[str] | None = None) -> int:
-    from megashear.cli import OneLineArgumentParser
-    from megashear.config import RunConfig
-    from megashear.config_io import add_field_option
+    from megashear.cli import main as megashear
 
-    parser = OneLineArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--load", required=True, help="a megashear model checkpoint")
-    parser.add_argument("--save", required=True)
-    for field in TARGET_FIELDS:
-        parser.add_argument(f"--target-{field.replace('_', '-')}", type=int, default=None)
-    add_field_option(parser, RunConfig, "parallel.tp", "--tp")
-    add_field_option(parser, RunConfig, "parallel.pp", "--pp")
-    parser.add_argument("--dtype", choices=sorted(DTYPES))
-    parser.add_argument("--overwrite", action="store_true")
-    args = parser.parse_args(argv)
-    if not os.path.exists(args.load):
-        print(f"error: --load {args.load} does not exist", file=sys.stderr)
+    try:
+        args = translate(sys.argv[1:] if argv is None else argv)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
-    from megashear.cli import run_tool
-
-    return run_tool(lambda: one_shot(args))
+    return megashear(args)
 
 
 if __name__ == "__main__":

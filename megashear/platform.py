@@ -33,6 +33,18 @@ patches, each a few lines, each recorded in :data:`PATCHES` with the failure it 
     use of ``Tensor.type`` is passed through): the parameters land in the same groups as on a
     GPU. The optimizer's collectives (``reduce_scatter_tensor`` and ``all_gather_into_tensor``
     over the DP group) run on gloo as they are.
+``optimizer_step_state``
+    Loading the distributed optimizer's ``fully_reshardable`` checkpoint (the format that
+    moves between DP sizes and to and from the plain optimizer) copies every entry of a
+    parameter's Adam state from the checkpoint, ``step`` included. megatron-core reads that
+    format with CUDA's Adam in mind (TE's or apex's ``FusedAdam``, which keep the step in the
+    parameter groups); torch's Adam, the one on CPU, keeps a ``step`` per parameter, which the
+    checkpoint does not hold per parameter: ``KeyError: 'step'``. And ``load_state_dict`` sets
+    that per-parameter step to one tensor shared by every parameter, which torch's foreach and
+    fused Adam then increment in place once per parameter: after a resume, the bias correction
+    of every later step is wrong (the loss leaves the uninterrupted run's at the second step).
+    The patch copies the main parameter and the moments and leaves ``step`` to
+    ``load_state_dict``, then gives every parameter a step tensor of its own.
 
 ``checkpoint_writer``
     ``dist_checkpointing.save`` (torch_dist) forks one writer process per bucket and, on first
@@ -762,6 +774,37 @@ def _patch_optimizer_type_names() -> None:
         cls.__init__ = init_with_cuda_type_names
 
 
+def _patch_optimizer_step_state() -> None:
+    from megatron.core.optimizer import distrib_optimizer
+
+    cls = distrib_optimizer.DistributedOptimizer
+    original = cls._set_main_param_and_optimizer_states
+    if getattr(original, "_skips_step", False):
+        return
+
+    def set_main_param_and_optimizer_states(self, model_param, tensors) -> None:
+        if self.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
+            return original(self, model_param, tensors)
+        group_index, group_order = self.model_param_group_index_map[model_param]
+        main_param = self.optimizer.param_groups[group_index]["params"][group_order]
+        for key, dst in {"param": main_param, **self.optimizer.state[main_param]}.items():
+            if key != "step":  # torch Adam's per-parameter count, set from the groups' step
+                dst.copy_(tensors[key])
+
+    set_main_param_and_optimizer_states._skips_step = True
+    cls._set_main_param_and_optimizer_states = set_main_param_and_optimizer_states
+    load_state_dict = cls.load_state_dict
+
+    @functools.wraps(load_state_dict)
+    def load_state_dict_own_steps(self, state_dict) -> None:
+        load_state_dict(self, state_dict)
+        for state in self.optimizer.state.values():
+            if isinstance(state.get("step"), torch.Tensor):
+                state["step"] = state["step"].clone()
+
+    cls.load_state_dict = load_state_dict_own_steps
+
+
 def _patch_checkpoint_writer() -> None:
     import queue
 
@@ -797,6 +840,13 @@ PATCHES: tuple[Patch, ...] = (
         _patch_optimizer_type_names,
         "TypeError: Wrapped parameters must be one of torch.cuda.FloatTensor, ... (the "
         "distributed optimizer and the bf16 optimizer sort parameters by CUDA type name)",
+    ),
+    Patch(
+        "optimizer_step_state",
+        _patch_optimizer_step_state,
+        "KeyError: 'step' loading the distributed optimizer's fully_reshardable checkpoint "
+        "with torch's Adam, then one step tensor incremented once per parameter (megatron-core "
+        "expects CUDA's FusedAdam)",
     ),
     Patch(
         "checkpoint_writer",

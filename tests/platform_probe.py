@@ -65,6 +65,39 @@ def probe_optimizer_type_names():
     assert all(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
 
 
+def probe_optimizer_step_state():
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    model = _tiny_ddp_model(dist_opt=True)
+    config = OptimizerConfig(optimizer="adam", lr=0.1, use_distributed_optimizer=True)
+    optimizer = get_megatron_optimizer(config, [model]).chained_optimizers[0]
+    for p in model.parameters():
+        p.main_grad.fill_(1.0)
+    optimizer.step()  # Adam's state exists, with torch's per-parameter step
+    param = next(iter(model.parameters()))
+    index, order = optimizer.model_param_group_index_map[param]
+    main = optimizer.optimizer.param_groups[index]["params"][order]
+    saved = {"param": torch.full_like(main, 3.0), "exp_avg": torch.full_like(main, 1.0),
+             "exp_avg_sq": torch.full_like(main, 2.0)}  # fmt: skip
+    try:  # what load_parameter_state_from_fully_reshardable hands over, under no_grad
+        with torch.no_grad():
+            optimizer._set_main_param_and_optimizer_states(param, saved)
+    except KeyError as exc:
+        raise AssertionError(
+            f"KeyError {exc}: megatron-core loads the Adam state of CUDA's FusedAdam only"
+        ) from exc
+    state = optimizer.optimizer.state[main]
+    assert torch.equal(main, saved["param"]) and torch.equal(
+        state["exp_avg_sq"], saved["exp_avg_sq"]
+    )
+    optimizer.load_state_dict(optimizer.state_dict())  # as its sharded_state_dict does to load
+    steps = [s["step"] for s in optimizer.optimizer.state.values()]
+    assert len({id(t) for t in steps}) == len(steps), (
+        "one step tensor shared by every parameter (megatron-core loads the Adam state of "
+        "CUDA's FusedAdam only), incremented once per parameter by torch's Adam"
+    )
+
+
 def probe_checkpoint_writer():
     import multiprocessing
     import tempfile

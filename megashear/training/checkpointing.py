@@ -4,13 +4,17 @@ A checkpoint (see :mod:`megashear.checkpoint.format` for the directory layout) h
 (``model`` or ``model0..`` per virtual stage), the optimizer, the LR scheduler, the iteration,
 the data source's state and every rank's RNG state. Tensors are stored by their global shape, so
 a checkpoint saved at one TP/PP layout loads at any other; the RNG states are restored only when
-the layout is unchanged. A model-only checkpoint (converted, initial or finalised) starts a run
+the layout is unchanged. The optimizer state is stored in model space, one tensor per parameter
+and kind of state (``optimizer.state.exp_avg.<param key>``, ...): the distributed optimizer saves
+megatron-core's ``fully_reshardable`` format, so a checkpoint moves between DP sizes and between
+the distributed and the plain optimizer (:func:`_cross_optimizer_request`). A model-only checkpoint (converted, initial or finalised) starts a run
 with its weights (:mod:`megashear.checkpoint.model_state`). Saves are published atomically and
 rotated by :func:`megashear.checkpoint.publish.save_iteration`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import torch
@@ -59,11 +63,27 @@ def _rng_sharded_object(is_loading: bool = False):
     return ShardedObject("rng_state", state, (pp, tp, dp), offset, replica_id=0)
 
 
+# The distributed optimizer's checkpoint format: per-parameter tensors in model space (gathered
+# over DP at save), loadable at any DP size; megatron-core's default in 0.16
+# (fully_sharded_model_space) is refused by its own dist_checkpointing ("flattened_range is not
+# supported").
+OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
+# Keys of the fp32 master weights: the distributed optimizer's, and the plain bf16 optimizer's.
+DIST_MASTER, PLAIN_MASTER = "optimizer.state.param.", "optimizer.state.fp32_param."
+
+
+def optimizer_kind(trainer) -> str:
+    """``distributed`` or ``plain``: which megatron-core optimizer the trainer runs."""
+    return "distributed" if trainer.par.use_distributed_optimizer else "plain"
+
+
 def save_checkpoint(trainer, root: str, keep_last: int = 2, extra: dict | None = None) -> str:
     """Save the trainer's full state under ``root``; returns the final checkpoint directory."""
     model_sd = model_sharded_state_dict(trainer.model)
     state = dict(model_sd)
-    state["optimizer"] = trainer.optimizer.sharded_state_dict(model_sd)
+    state["optimizer"] = trainer.optimizer.sharded_state_dict(
+        model_sd, metadata=dict(OPTIMIZER_METADATA)
+    )
     state["scheduler"] = trainer.scheduler.state_dict()
     state["iteration"] = trainer.iteration
     state["data"] = trainer.batches.state_dict()
@@ -73,7 +93,12 @@ def save_checkpoint(trainer, root: str, keep_last: int = 2, extra: dict | None =
         state.update(extra)
     contents = ["model", "optimizer", "scheduler", "data", "rng"]
     meta = model_meta(
-        trainer.model_cfg, current_layout(), trainer.iteration, contents, **trainer.extra_meta()
+        trainer.model_cfg,
+        current_layout(),
+        trainer.iteration,
+        contents,
+        optimizer=optimizer_kind(trainer),
+        **trainer.extra_meta(),
     )
     return save_iteration(root, trainer.iteration, state, meta, keep_last)
 
@@ -94,6 +119,87 @@ def _log_schedule_changes(scheduler, saved: dict, ckpt_dir: str) -> None:
             ckpt_dir,
             ", ".join(changed),
         )
+
+
+def _cross_optimizer_request(trainer, model_sd: dict, fp32: bool) -> tuple[dict, dict, dict]:
+    """The optimizer's load request for a checkpoint of the other optimizer kind:
+    ``(sharded tensors, master weights to load apart, everything else)``.
+
+    Both kinds store Adam's moments under the same model-space keys
+    (``optimizer.state.exp_avg.<param key>``); they differ in the master weights
+    (``optimizer.state.param.<key>`` distributed, ``optimizer.state.fp32_param.<key>`` plain
+    bf16, none plain fp32: an fp32 weight is its own master, so the distributed optimizer's
+    masters are read from the weights themselves, ``<key>``, in a load of their own) and in
+    their non-tensor state, which is taken from this optimizer itself (its groups, the sharding
+    type) and not from the checkpoint.
+    """
+    from megatron.core.dist_checkpointing.dict_utils import (
+        dict_list_map_inplace,
+        extract_matching_values,
+    )
+    from megatron.core.dist_checkpointing.mapping import LocalNonpersistentObject, ShardedBase
+    from megatron.core.dist_checkpointing.utils import extract_sharded_base
+
+    request = trainer.optimizer.sharded_state_dict(
+        model_sd, is_loading=True, metadata=dict(OPTIMIZER_METADATA)
+    )
+    sharded, rest = extract_sharded_base(request)
+    # what dist_checkpointing.load would hand back as it is (the groups' parameter indices)
+    dict_list_map_inplace(
+        lambda v: v.unwrap() if isinstance(v, LocalNonpersistentObject) else v, rest
+    )
+    masters: dict = {}
+    if fp32:
+        masters, sharded = extract_matching_values(
+            sharded, lambda v: isinstance(v, ShardedBase) and v.key.startswith(DIST_MASTER)
+        )
+        dict_list_map_inplace(
+            lambda v: dataclasses.replace(v, key=v.key[len(DIST_MASTER) :]), masters
+        )
+
+    def to_saved_key(value):
+        key = value.key
+        if key.startswith(DIST_MASTER):  # loading into the distributed bf16 optimizer
+            return dataclasses.replace(value, key=PLAIN_MASTER + key[len(DIST_MASTER) :])
+        if key.startswith(PLAIN_MASTER):  # loading into the plain bf16 optimizer
+            return dataclasses.replace(value, key=DIST_MASTER + key[len(PLAIN_MASTER) :])
+        return value
+
+    dict_list_map_inplace(to_saved_key, sharded)
+    return sharded, masters, rest
+
+
+def _set_step(state, step: int) -> None:
+    """Adam's step count where each optimizer kind keeps it in its state dict: every group
+    (distributed), ``state.common_step`` (a torch optimizer's state dict, plain)."""
+    if isinstance(state, dict):
+        if isinstance(state.get("param_groups"), list):
+            for group in state["param_groups"]:
+                group["step"] = step
+            if isinstance(state.get("state"), dict):
+                state["state"]["common_step"] = torch.tensor(float(step))
+        for v in state.values():
+            _set_step(v, step)
+    elif isinstance(state, list):
+        for v in state:
+            _set_step(v, step)
+
+
+def _init_distributed_optimizer_state(trainer) -> None:
+    """Give a fresh distributed optimizer its Adam state (zeros, step 0) before a load.
+
+    Without TE or apex, megatron-core's ``DistributedOptimizer.state_dict`` reads the step
+    from the inner torch optimizer's per-parameter state, which is empty until the first step
+    (``assert len(steps) == 1``); the load overwrites these values."""
+    if optimizer_kind(trainer) != "distributed":
+        return
+    for opt in getattr(trainer.optimizer, "chained_optimizers", [trainer.optimizer]):
+        inner, init = getattr(opt, "optimizer", None), getattr(opt, "init_state_fn", None)
+        if inner is None or init is None or len(inner.state):
+            continue
+        init(inner, opt.config)
+        for state in inner.state.values():
+            state.setdefault("step", torch.tensor(0.0))
 
 
 def load_checkpoint(trainer, path: str) -> None:
@@ -120,7 +226,19 @@ def load_checkpoint(trainer, path: str) -> None:
     full = "optimizer" in contents
     same_layout = meta.get("layout") == current_layout()
     if full:
-        request["optimizer"] = trainer.optimizer.sharded_state_dict(model_sd, is_loading=True)
+        _init_distributed_optimizer_state(trainer)
+    saved_kind = meta.get("optimizer", "plain")  # checkpoints before this field: plain
+    cross = full and saved_kind != optimizer_kind(trainer)
+    if cross:
+        fp32 = trainer.dtype == torch.float32
+        request["optimizer_tensors"], masters, optimizer_rest = _cross_optimizer_request(
+            trainer, model_sd, fp32
+        )
+    elif full:
+        request["optimizer"] = trainer.optimizer.sharded_state_dict(
+            model_sd, is_loading=True, metadata=dict(OPTIMIZER_METADATA)
+        )
+    if full:
         if same_layout:
             request["rng_state"] = _rng_sharded_object(is_loading=True)
     loaded = dist_load(request, ckpt_dir)
@@ -131,7 +249,24 @@ def load_checkpoint(trainer, path: str) -> None:
             {k: g[k] for k in ("max_lr", "min_lr") if k in g}
             for g in trainer.optimizer.param_groups
         ]
-        trainer.optimizer.load_state_dict(loaded["optimizer"])
+        if cross:
+            from megatron.core.dist_checkpointing.dict_utils import merge
+
+            logger.info(
+                "loading the %s optimizer's state of %s into the %s optimizer",
+                saved_kind,
+                ckpt_dir,
+                optimizer_kind(trainer),
+            )
+            optimizer_state = merge(optimizer_rest, loaded["optimizer_tensors"])
+            if masters:
+                optimizer_state = merge(
+                    optimizer_state, dist_load({"masters": masters}, ckpt_dir)["masters"]
+                )
+            _set_step(optimizer_state, int(loaded["iteration"]))
+        else:
+            optimizer_state = loaded["optimizer"]
+        trainer.optimizer.load_state_dict(optimizer_state)
         for group, lrs in zip(trainer.optimizer.param_groups, group_lrs):
             group.update(lrs)
         _log_schedule_changes(trainer.scheduler, loaded["scheduler"], ckpt_dir)

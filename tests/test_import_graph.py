@@ -3,7 +3,7 @@
 Every import counts, at module level or inside a function (``ast`` reads them all, so a lazy
 import cannot hide an upward dependency). A module may import its own unit (the package or
 top-level module it belongs to) and any unit in a lower layer; never a unit in its own layer or
-above. The table below is the one stated in the README's "Layout of the code" section.
+above. The table below is the one stated in docs/architecture.md ("Layout of the code").
 """
 
 from __future__ import annotations

@@ -1,38 +1,42 @@
 #!/usr/bin/env python3
-"""The Sheared-LLaMA comparison at CPU scale: four ways to get the same small model, at equal
-training tokens, from the same data, scored on the same held-out windows.
+"""The Sheared-LLaMA comparison at CPU scale, with honest baselines: several ways to get the same
+small model from SmolLM2-135M, at equal training tokens, from the same data, over several seeds,
+scored on held-out test windows and on a held-out downstream task with lm-eval.
 
-    python tools/shear_experiment.py --out runs/experiment        # ~1 h on 2 cores
-    python tools/shear_experiment.py --prune-steps 400 --continue-steps 4000 ...  # scale up
+    python tools/shear_experiment.py --out runs/experiment          # every arm, seeds 1 and 2
+    python tools/shear_experiment.py --out runs/experiment --arms importance-oneshot --seeds 3
 
 Arms (every one ends at the target shape, default 16 layers x 384, 6 heads in 2 KV groups,
-FFN 1024, cut from SmolLM2-135M):
+FFN 1024), each for ``P + C`` steps of training tokens:
 
-- ``sheared``: targeted structured pruning (learned hard-concrete masks, Lagrangian) with dynamic
-  batch loading for ``P`` steps, finalisation, then continued pre-training for ``C`` steps with
-  dynamic batch loading from the final pruning weights (the paper's method);
-- ``static``: the same with the initial domain weights kept fixed throughout
-  (``data.update_rule=constant``): what dynamic batch loading buys;
-- ``one-shot``: the target cut from the source keeping the leading heads, channels, FFN units and
-  layers (``tools/one_shot_prune.py``, no learned masks), then ``P + C`` steps of continued
-  pre-training with dynamic batch loading: what mask learning buys over the source weights alone;
-- ``scratch``: the target shape from random initialisation, ``P + C`` steps with dynamic batch
-  loading: what the source weights buy;
-- ``distill``: the ``sheared`` arm's pruned model (the same pruning run, shared), its ``C`` steps
-  of continued pre-training distilled from the source (``distill.alpha``, default 1.0: the KD
-  loss alone, as Minitron) instead of the LM loss: what KD buys at equal tokens.
+- ``sheared-paper``: learned masks from the paper's N(5, 0.01) (Lagrangian, dynamic batch
+  loading) for ``P`` steps, finalisation, ``C`` steps of continued pre-training with dynamic
+  batch loading from the final pruning weights (the paper's method);
+- ``sheared-importance``: the same with the masks initialised from activation importance
+  (``pruning.init=importance``, and ``pruning.pin_hidden`` at ``--pin-hidden``);
+- ``importance-oneshot``: the Minitron importance cut (``megashear one-shot``), then ``P + C``
+  steps of continued pre-training with dynamic batch loading;
+- ``leading-oneshot``: the leading units cut (a floor that uses no information), likewise;
+- ``scratch``: the target shape from random weights, ``P + C`` steps;
+- ``importance-oneshot-kd``, ``sheared-importance-kd``: the KD variants, the continued
+  pre-training distilled from the source (``distill.alpha``, default 1: KD alone, Minitron);
+- not run by default: ``static``, ``sheared-paper`` with the initial domain weights kept;
+  ``sheared-importance-nopin``, ``sheared-importance`` without pinned channels (what pinning
+  does to the pruning loss).
 
-Every arm sees ``(P + C) x batch x seq`` training tokens. The corpus is tokenised once with the
-source's tokenizer into train / validation / test splits per domain. Dynamic batch loading reads
-the validation split (its reference losses are the source's own validation losses, the paper's
-"source reference"); the results are measured on the test split, which no arm ever reads while
-training. Nothing is tuned on it: the settings are the defaults below, fixed before any run.
+A seed sets the data order, the mask noise and (scratch) the initial weights. The KD variant of
+a pruned arm continues the same pruning run (pruned once per seed). Dynamic batch loading reads
+the validation split (reference: the source's validation losses); the results are measured on
+the test split, which no arm reads while training or adapting, and on a 4-way continuation task
+built from documents past the text any run reads (``megashear.evaluation``). Nothing is tuned
+on either.
 
-Writes ``OUT/results.json``, ``OUT/results.md`` (per-domain test loss of every arm, its mean, and
-the mean / spread of its per-domain excess loss over the source's test loss), and
-``OUT/plots/loss_vs_tokens.png`` and ``OUT/plots/excess_by_domain.png``; prints the table.
-``--source-hf`` takes any LLaMA HF directory with a tokenizer instead of SmolLM2 (the miniature
-test uses a tiny random one).
+**Resumable by arm and seed.** Shared work (conversion, tokenisation, the source's losses and
+downstream score, importance scores, one-shot cuts) is done once and reused. Each finished
+``(arm, seed)`` is cached in ``OUT/results/ARM/seedN.json`` and skipped when the tool runs again;
+an interrupted one starts over. Its checkpoints are removed when it is done
+(``--keep-checkpoints`` keeps them). ``OUT/results.json``, ``OUT/results.md`` (mean and spread
+over seeds) and the plots cover every cached result of the arms asked for.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import sys
 import time
@@ -52,7 +57,19 @@ from stage_runner import StageRunner  # noqa: E402
 from megashear.paths import corpus_dir  # noqa: E402
 from megashear.pruning.targets import TARGET_FIELDS  # noqa: E402
 
-ARMS = ("sheared", "static", "one-shot", "scratch", "distill")
+# arm -> how it is made: kind (prune / oneshot / scratch), mask init or cut method, KD, rule
+ARMS: dict[str, dict] = {
+    "sheared-paper": {"kind": "prune", "init": "paper"},
+    "sheared-importance": {"kind": "prune", "init": "importance"},
+    "importance-oneshot": {"kind": "oneshot", "method": "importance"},
+    "leading-oneshot": {"kind": "oneshot", "method": "leading"},
+    "scratch": {"kind": "scratch"},
+    "importance-oneshot-kd": {"kind": "oneshot", "method": "importance", "kd": True},
+    "sheared-importance-kd": {"kind": "prune", "init": "importance", "kd": True},
+    "static": {"kind": "prune", "init": "paper", "rule": "constant"},
+    "sheared-importance-nopin": {"kind": "prune", "init": "importance", "pin": 0.0},
+}
+DEFAULT_ARMS = tuple(a for a in ARMS if a not in ("static", "sheared-importance-nopin"))
 DEFAULT_TARGET = (16, 384, 6, 2, 1024)
 
 
@@ -70,8 +87,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help=f"document separator (default: {SMOLLM2_EOS} for SmolLM2, else the tokenizer's)",
     )
     p.add_argument(
-        "--arms", default=",".join(ARMS), help="comma-separated subset of " + ",".join(ARMS)
+        "--arms", default=",".join(DEFAULT_ARMS), help="comma-separated: " + ",".join(ARMS)
     )
+    p.add_argument("--seeds", default="1,2", help="comma-separated seeds, each arm once per seed")
     for name, default in zip(TARGET_FIELDS, DEFAULT_TARGET):
         p.add_argument(f"--target-{name.replace('_', '-')}", type=int, default=default)
     p.add_argument("--bytes-per-domain", type=int, default=2_000_000, help="text read per domain")
@@ -80,14 +98,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-sequences", type=int, default=16, help="validation windows per domain")
     p.add_argument("--batch", type=int, default=8, help="global batch (sequences), every stage")
     p.add_argument("--micro-batch", type=int, default=2)
-    p.add_argument("--prune-steps", type=int, default=60, help="P")
+    p.add_argument("--prune-steps", type=int, default=30, help="P")
     p.add_argument("--prune-lr", type=float, default=1e-4)
-    p.add_argument("--prune-updates", type=int, default=3, help="domain-weight updates in P")
-    p.add_argument("--continue-steps", type=int, default=200, help="C")
+    p.add_argument("--prune-updates", type=int, default=2, help="domain-weight updates in P")
+    p.add_argument("--continue-steps", type=int, default=120, help="C")
     p.add_argument("--continue-lr", type=float, default=1e-3)
-    p.add_argument("--continue-updates", type=int, default=5, help="domain-weight updates in C")
+    p.add_argument("--continue-updates", type=int, default=4, help="domain-weight updates in C")
     p.add_argument("--prune-pp", type=int, default=2, choices=(1, 2))
-    p.add_argument("--kd-alpha", type=float, default=1.0, help="distill arm: KD weight vs LM")
+    p.add_argument("--kd-alpha", type=float, default=1.0, help="KD arms: KD weight vs LM")
+    p.add_argument("--importance-samples", type=int, default=64, help="calibration windows")
+    p.add_argument(
+        "--pin-hidden",
+        type=float,
+        default=5.0,
+        help="importance-initialised arms: pruning.pin_hidden (SmolLM2: 6 channels at 5)",
+    )
+    p.add_argument(
+        "--downstream-task",
+        default=None,
+        help="an lm-eval task directory (tools/downstream_eval.py build); default: built in OUT",
+    )
+    p.add_argument("--no-downstream", action="store_true", help="skip the lm-eval scores")
+    p.add_argument("--downstream-limit", type=int, default=None, help="score the first N items")
+    p.add_argument("--keep-checkpoints", action="store_true")
     return p.parse_args(argv)
 
 
@@ -124,6 +157,57 @@ def loss_curve(run_dirs: list[Path], tokens_per_step: int) -> dict[str, list[flo
     return curve
 
 
+def loss_jumps(run_dir: Path, kind: str = "prune") -> dict:
+    """The largest step-to-step rise of a run's training loss and how many steps rose by more
+    than 1 nat (the massive-activation symptom, docs/method.md §8)."""
+    from megashear.training.run_log import read_events
+
+    losses = [e.get("lm_loss", e["loss"]) for e in read_events(str(run_dir), kind)]
+    rises = [b - a for a, b in zip(losses, losses[1:])]
+    return {
+        "largest_jump": max(rises, default=0.0),
+        "jumps_over_1_nat": sum(r > 1.0 for r in rises),
+        "steps": len(losses),
+    }
+
+
+def spread(values: list[float]) -> dict:
+    """Mean, sample standard deviation and range of ``values`` (one per seed)."""
+    return {
+        "mean": statistics.fmean(values),
+        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "min": min(values),
+        "max": max(values),
+        "n": len(values),
+    }
+
+
+def aggregate(per_seed: dict[int, dict]) -> dict:
+    """One arm over its seeds: test loss, excess, after-cut loss, downstream acc, time."""
+    runs = list(per_seed.values())
+    out = {
+        "seeds": sorted(per_seed),
+        "mean": spread([r["mean"] for r in runs]),
+        "excess_mean": spread([r["excess_mean"] for r in runs]),
+        "test": {d: statistics.fmean(r["test"][d] for r in runs) for d in runs[0]["test"]},
+        "seconds": spread([r["seconds"] for r in runs]),
+    }
+    cut = [r["after_cut_mean"] for r in runs if r.get("after_cut_mean") is not None]
+    out["after_cut_mean"] = spread(cut) if cut else None
+    acc = [r["downstream"]["acc"] for r in runs if r.get("downstream")]
+    out["acc"] = spread(acc) if acc else None
+    acc_norm = [r["downstream"]["acc_norm"] for r in runs if r.get("downstream")]
+    out["acc_norm"] = spread(acc_norm) if acc_norm else None
+    jumps = [r["pruning_loss"] for r in runs if r.get("pruning_loss")]
+    if jumps:
+        out["pruning_loss"] = {
+            "largest_jump": max(j["largest_jump"] for j in jumps),
+            "jumps_over_1_nat": sum(j["jumps_over_1_nat"] for j in jumps),
+            "steps": sum(j["steps"] for j in jumps),
+        }
+    return out
+
+
 def write_plots(results: dict, out: Path) -> list[Path]:
     import matplotlib
 
@@ -132,21 +216,27 @@ def write_plots(results: dict, out: Path) -> list[Path]:
 
     out.mkdir(parents=True, exist_ok=True)
     fig, (ax, bx) = plt.subplots(2, 1, figsize=(8, 7), sharex=True)
-    for arm, r in results["arms"].items():
-        c = r["curve"]
-        k = max(1, len(c["loss"]) // 40)  # moving average over ~1/40 of the run
-        smooth = [
-            statistics.fmean(c["loss"][max(0, i - k + 1) : i + 1]) for i in range(len(c["loss"]))
-        ]
-        ax.plot(c["tokens"], smooth, label=arm)
-        bx.plot(c["valid_tokens"], c["valid_mean"], marker="o", label=arm)
-    ax.set(ylabel="training LM loss (moving avg)", title="Loss against training tokens")
+    for i, (arm, seeds) in enumerate(results["runs"].items()):
+        color = f"C{i % 10}"
+        for j, (_, r) in enumerate(sorted(seeds.items())):
+            c = r["curve"]
+            k = max(1, len(c["loss"]) // 40)  # moving average over ~1/40 of the run
+            smooth = [
+                statistics.fmean(c["loss"][max(0, t - k + 1) : t + 1])
+                for t in range(len(c["loss"]))
+            ]
+            label = arm if j == 0 else None
+            ax.plot(c["tokens"], smooth, color=color, alpha=0.8, label=label)
+            bx.plot(c["valid_tokens"], c["valid_mean"], marker="o", color=color, label=label)
+    ax.set(
+        ylabel="training LM loss (moving avg)", title="Loss against training tokens (every seed)"
+    )
     bx.axhline(
         statistics.fmean(results["reference_valid"].values()), color="black", lw=0.8, label="source"
     )
     bx.set(xlabel="training tokens", ylabel="mean validation loss")
-    ax.legend(fontsize=8)
-    bx.legend(fontsize=8)
+    ax.legend(fontsize=7)
+    bx.legend(fontsize=7)
     paths = [out / "loss_vs_tokens.png"]
     fig.tight_layout()
     fig.savefig(paths[0], dpi=110)
@@ -157,14 +247,13 @@ def write_plots(results: dict, out: Path) -> list[Path]:
     fig, ax = plt.subplots(figsize=(9, 4))
     width = 0.8 / max(1, len(arms))
     for i, arm in enumerate(arms):
-        ex = results["arms"][arm]["excess"]
-        ax.bar(
-            [j + i * width for j in range(len(domains))], [ex[d] for d in domains], width, label=arm
-        )
+        test = results["arms"][arm]["test"]
+        ex = [test[d] - results["reference"][d] for d in domains]
+        ax.bar([j + i * width for j in range(len(domains))], ex, width, label=arm)
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(domains))], domains)
     ax.axhline(0.0, color="black", lw=0.8)
-    ax.set(ylabel="test loss - source test loss", title="Per-domain loss against the reference")
-    ax.legend(fontsize=8)
+    ax.set(ylabel="test loss - source test loss", title="Per-domain loss (mean over seeds)")
+    ax.legend(fontsize=7)
     paths.append(out / "excess_by_domain.png")
     fig.tight_layout()
     fig.savefig(paths[1], dpi=110)
@@ -172,47 +261,85 @@ def write_plots(results: dict, out: Path) -> list[Path]:
     return paths
 
 
+def _pm(s: dict | None, digits: int = 3) -> str:
+    if not s:
+        return ""
+    if s["n"] == 1:
+        return f"{s['mean']:.{digits}f} (1 seed)"
+    return f"{s['mean']:.{digits}f} ± {s['std']:.{digits}f} [{s['min']:.{digits}f}, {s['max']:.{digits}f}]"
+
+
 def markdown(results: dict) -> str:
     domains = list(results["reference"])
-    head = "| arm | " + " | ".join(domains) + " | mean | excess mean | excess std | excess range |"
-    rule = "|---" * (len(domains) + 5) + "|"
-    rows = [head, rule]
-    ref = results["reference"]
-    rows.append(
-        "| source (reference) | "
-        + " | ".join(f"{ref[d]:.3f}" for d in domains)
-        + f" | {statistics.fmean(ref.values()):.3f} | | | |"
+    head = (
+        "| arm | seeds | "
+        + " | ".join(domains)
+        + " | mean test loss | after the cut | lm-eval acc | acc_norm |"
     )
-    for arm, r in results["arms"].items():
+    rows = [head, "|---" * (len(domains) + 6) + "|"]
+    ref = results["reference"]
+    src = results.get("source_downstream") or {}
+    rows.append(
+        "| source | | "
+        + " | ".join(f"{ref[d]:.3f}" for d in domains)
+        + f" | {statistics.fmean(ref.values()):.3f} | | {src.get('acc', float('nan')):.3f} "
+        f"| {src.get('acc_norm', float('nan')):.3f} |"
+    )
+    for arm, r in sorted(results["arms"].items(), key=lambda kv: kv[1]["mean"]["mean"]):
         rows.append(
-            f"| {arm} | "
+            f"| {arm} | {','.join(map(str, r['seeds']))} | "
             + " | ".join(f"{r['test'][d]:.3f}" for d in domains)
-            + f" | {r['mean']:.3f} | {r['excess_mean']:+.3f} | {r['excess_std']:.3f} "
-            f"| {r['excess_range']:.3f} |"
+            + f" | {_pm(r['mean'])} | {_pm(r['after_cut_mean'])} | {_pm(r['acc'])} "
+            f"| {_pm(r['acc_norm'])} |"
         )
-    cut = [
-        f"{arm} {r['after_cut_mean']:.3f}"
-        for arm, r in results["arms"].items()
-        if r.get("after_cut_mean") is not None
-    ]
     s = results["settings"]
     lines = [
         "\n".join(rows),
         "",
-        f"Test loss per domain ({s['test_sequences']} windows x {s['seq_length']} tokens per "
-        f"domain, held out from training and from dynamic batch loading). Every arm trained on "
+        f"Test loss per domain (mean over seeds; {s['test_sequences']} windows x "
+        f"{s['seq_length']} tokens per domain, held out from training and from dynamic batch "
+        f"loading); mean ± sample std [min, max] over seeds. Every arm trained on "
         f"{s['tokens_per_arm']:,} tokens (P = {s['prune_steps']}, C = {s['continue_steps']} "
         f"steps x {s['batch']} x {s['seq_length']}). Target {s['target_parameters']:,} "
-        f"parameters, source {s['source_parameters']:,}.",
+        f"parameters, source {s['source_parameters']:,}. lm-eval: "
+        f"{results.get('task', {}).get('items', '?')} items of a 4-way held-out continuation task "
+        "(chance 0.25).",
     ]
-    if cut:
-        lines.append(f"Mean test loss right after the cut, before training on: {', '.join(cut)}.")
+    jumps = [
+        f"{arm}: largest rise {r['pruning_loss']['largest_jump']:.2f} nats, "
+        f"{r['pruning_loss']['jumps_over_1_nat']} of {r['pruning_loss']['steps']} steps rose > 1 nat"
+        for arm, r in results["arms"].items()
+        if r.get("pruning_loss")
+    ]
+    if jumps:
+        lines.append("Pruning loss, step to step (all seeds): " + "; ".join(jumps) + ".")
     lines.append(
-        "Arm times (s): "
-        + ", ".join(f"{arm} {r['seconds']:.0f}" for arm, r in results["arms"].items())
+        "Seconds per arm and seed: "
+        + ", ".join(f"{arm} {r['seconds']['mean']:.0f}" for arm, r in results["arms"].items())
         + "."
     )
     return "\n".join(lines) + "\n"
+
+
+def write_json_atomic(path: Path, value) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(value, indent=1))
+    os.replace(tmp, path)
+
+
+def cached(path: Path, make):
+    """The JSON at ``path``, or ``make()`` written there first."""
+    if path.is_file():
+        return json.loads(path.read_text())
+    value = make()
+    write_json_atomic(path, value)
+    return value
+
+
+def fail(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 2
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -220,13 +347,15 @@ def main(argv: list[str] | None = None) -> int:
     arms = [a for a in args.arms.split(",") if a]
     unknown = sorted(set(arms) - set(ARMS))
     if unknown or not arms:
-        print(
-            f"error: --arms {args.arms!r}: unknown {unknown}; choose from {ARMS}", file=sys.stderr
-        )
-        return 2
+        return fail(f"--arms {args.arms!r}: unknown {unknown}; choose from {list(ARMS)}")
+    try:
+        seeds = [int(x) for x in args.seeds.split(",") if x]
+    except ValueError:
+        return fail(f"--seeds {args.seeds!r} is not a comma-separated list of integers")
+    if not seeds:
+        return fail("--seeds names no seed")
     if args.batch % args.micro_batch:
-        print("error: --batch must be a multiple of --micro-batch", file=sys.stderr)
-        return 2
+        return fail("--batch must be a multiple of --micro-batch")
     t_start = time.time()
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -236,131 +365,189 @@ def main(argv: list[str] | None = None) -> int:
     if args.source_hf:
         hf_src = Path(args.source_hf)
         if not (hf_src / "config.json").is_file():
-            print(f"error: --source-hf {hf_src} has no config.json", file=sys.stderr)
-            return 2
+            return fail(f"--source-hf {hf_src} has no config.json")
         eos = args.eos_token
     else:
         hf_src = load_fetcher().ensure_smollm2(args.cache_dir)
         eos = args.eos_token or SMOLLM2_EOS
-    test_tokens = 2 * args.test_sequences * (args.seq_length + 1)
-    converted, manifest = stages.prepare(
-        hf_src,
-        Path(args.corpus),
-        ckpt / "source",
-        out / "data",
-        args.bytes_per_domain,
-        eos_token=eos,
-        test_tokens=test_tokens,
-    )
+
+    # ---- shared work, done once
+    manifest = out / "data" / "manifest.yaml"
+
+    def prepare() -> dict:
+        test_tokens = 2 * args.test_sequences * (args.seq_length + 1)
+        converted, _ = stages.prepare(hf_src, Path(args.corpus), ckpt / "source", out / "data",
+                                      args.bytes_per_domain, eos_token=eos,
+                                      test_tokens=test_tokens)  # fmt: skip
+        return converted
+
+    converted = cached(out / "shared" / "prepare.json", prepare)
 
     def test_loss(stage: str, load: Path) -> dict[str, float]:
         return stages.evaluate(stage, load, manifest, split="test", sequences=args.test_sequences)
 
-    reference_valid = stages.evaluate("source", ckpt / "source", manifest, write_reference=True)
-    reference = test_loss("source-test", ckpt / "source")
+    reference_valid = cached(
+        out / "shared" / "source_valid.json",
+        lambda: stages.evaluate("source", ckpt / "source", manifest, write_reference=True),
+    )
+    reference = cached(out / "shared" / "source_test.json",
+                       lambda: test_loss("source-test", ckpt / "source"))  # fmt: skip
 
     from megashear.model_config import ModelConfig
     from megashear.pruning.targets import make_target, validate_target
 
     source_cfg = ModelConfig.from_dict(converted["model"])
     target_values = {f: getattr(args, f"target_{f}") for f in TARGET_FIELDS}
-    target_cfg = make_target(source_cfg, **target_values)
     try:
+        target_cfg = make_target(source_cfg, **target_values)
         validate_target(source_cfg, target_cfg, pp_sizes=(args.prune_pp,))
     except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return fail(str(exc))
+    needs_scores = any(
+        ARMS[a].get("method") == "importance" or ARMS[a].get("init") == "importance" for a in arms
+    )
+    if needs_scores:
+        cached(out / "shared" / "importance.json", lambda: stages.importance(
+            "importance", ckpt / "source", manifest, args.importance_samples))  # fmt: skip
+
+    task_dir = None
+    source_downstream = None
+    if not args.no_downstream:
+        from megashear.evaluation.lm_eval_score import score
+
+        task_dir = Path(args.downstream_task) if args.downstream_task else out / "task"
+        if not args.downstream_task and not (out / "task").is_dir():
+            from megashear.evaluation.downstream_task import build_task
+
+            build_task(args.corpus, out / "task")
+
+        def downstream(stage: str, hf_dir: Path) -> dict:
+            t = time.time()
+            result = score(hf_dir, task_dir, limit=args.downstream_limit, threads=2)
+            runner.times[stage] = time.time() - t
+            print(f"[{out.name}] {stage:<11} acc {result['acc']:.3f} in {time.time() - t:.0f} s")
+            return result
+
+        source_downstream = cached(out / "shared" / "source_downstream.json",
+                                   lambda: downstream("source-lm-eval", hf_src))  # fmt: skip
+
     P, C, B, s = args.prune_steps, args.continue_steps, args.batch, args.seq_length
     common = dict(batch=B, micro_batch=args.micro_batch)
 
-    pruned: dict[str, tuple[dict, Path]] = {}
+    def seed_flags(seed: int) -> tuple[str, ...]:
+        return (f"--data.seed={seed}", f"--train.seed={seed}")
 
-    def prune_and_cut(arm: str, rule: str) -> tuple[dict, Path]:
-        """Prune and finalise once per arm name; (test losses after the cut, start manifest)."""
-        if arm in pruned:
-            return pruned[arm]
-        stages.prune(
-            f"{arm}-prune",
-            ckpt / "source",
-            manifest,
-            target_values,
-            ckpt / f"{arm}-prune",
-            out / arm / "prune",
-            P,
-            lr=args.prune_lr,
-            updates=args.prune_updates,
-            rule=rule,
-            pp=args.prune_pp,
-            **common,
-        )
-        stages.finalize(f"{arm}-finalize", ckpt / f"{arm}-prune", ckpt / f"{arm}-final")
-        after_cut = test_loss(f"{arm}-cut", ckpt / f"{arm}-final")
-        start = (
-            manifest_with_weights(manifest, out / arm / "prune", out / arm / "manifest.yaml")
-            if rule != "constant"
-            else manifest
-        )
-        pruned[arm] = after_cut, start
-        return pruned[arm]
+    def pruned(init: str, rule: str, seed: int, pin: float) -> dict:
+        """Prune and finalise once per (init, rule, pin, seed): the final checkpoint, its test
+        loss right after the cut, the manifest continued training starts from, the loss jumps."""
+        name = f"prune-{init}-{rule}" + (f"-pin{pin:g}" if pin > 0 else "") + f"-s{seed}"
 
-    def pruned_arm(
-        arm: str, rule: str, pruning: str | None = None, teacher: Path | None = None
-    ) -> tuple[list[Path], Path, dict]:
-        pruning = pruning or arm
-        after_cut, start = prune_and_cut(pruning, rule)
-        stages.train(
-            f"{arm}-continue",
-            start,
-            ckpt / arm,
-            out / arm / "continue",
-            C,
-            lr=args.continue_lr,
-            updates=args.continue_updates,
-            rule=rule,
-            load=ckpt / f"{pruning}-final",
-            teacher=teacher,
-            kd_alpha=args.kd_alpha,
-            **common,
-        )
-        return [out / pruning / "prune", out / arm / "continue"], ckpt / arm, after_cut
+        def make() -> dict:
+            extra = [*seed_flags(seed), f"--pruning.seed={seed}", f"--pruning.init={init}"]
+            if pin > 0:
+                extra.append(f"--pruning.pin_hidden={pin}")
+            run_dir = out / "runs" / name
+            stages.prune(name, ckpt / "source", manifest, target_values, ckpt / name, run_dir, P,
+                         lr=args.prune_lr, updates=args.prune_updates, rule=rule,
+                         pp=args.prune_pp, extra=tuple(extra), **common)  # fmt: skip
+            stages.finalize(f"{name}-finalize", ckpt / name, ckpt / f"{name}-final")
+            if not args.keep_checkpoints:
+                shutil.rmtree(ckpt / name, ignore_errors=True)
+            after_cut = test_loss(f"{name}-cut", ckpt / f"{name}-final")
+            start = manifest
+            if rule != "constant":
+                start = manifest_with_weights(manifest, run_dir, run_dir / "manifest.yaml")
+            return {
+                "final": str(ckpt / f"{name}-final"),
+                "after_cut": after_cut,
+                "start": str(start),
+                "run_dir": str(run_dir),
+                "pruning_loss": loss_jumps(run_dir),
+            }
 
-    def one_shot_arm() -> tuple[list[Path], Path, dict]:
-        stages.one_shot("one-shot-cut", ckpt / "source", target_values, ckpt / "one-shot-cut")
-        after_cut = test_loss("one-shot-cut-eval", ckpt / "one-shot-cut")
-        stages.train(
-            "one-shot-train",
-            manifest,
-            ckpt / "one-shot",
-            out / "one-shot" / "train",
-            P + C,
-            lr=args.continue_lr,
-            updates=args.prune_updates + args.continue_updates,
-            load=ckpt / "one-shot-cut",
-            **common,
-        )
-        return [out / "one-shot" / "train"], ckpt / "one-shot", after_cut
+        return cached(out / "shared" / f"{name}.json", make)
 
-    def scratch_arm() -> tuple[list[Path], Path, dict | None]:
-        stages.train(
-            "scratch-train",
-            manifest,
-            ckpt / "scratch",
-            out / "scratch" / "train",
-            P + C,
-            lr=args.continue_lr,
-            updates=args.prune_updates + args.continue_updates,
-            model=target_cfg.to_dict(),
-            **common,
-        )
-        return [out / "scratch" / "train"], ckpt / "scratch", None
+    def one_shot_cut(method: str) -> dict:
+        name = f"cut-{method}"
 
-    runs = {
-        "sheared": lambda: pruned_arm("sheared", "paper"),
-        "static": lambda: pruned_arm("static", "constant"),
-        "one-shot": one_shot_arm,
-        "scratch": scratch_arm,
-        "distill": lambda: pruned_arm("distill", "paper", "sheared", ckpt / "source"),
-    }
+        def make() -> dict:
+            stages.one_shot(name, ckpt / "source", target_values, ckpt / name, method=method)
+            return {"final": str(ckpt / name), "after_cut": test_loss(f"{name}-eval", ckpt / name)}
+
+        return cached(out / "shared" / f"{name}.json", make)
+
+    def run_arm(arm: str, seed: int) -> dict:
+        spec = ARMS[arm]
+        tag = f"{arm}-s{seed}"
+        save, run_dir = ckpt / tag, out / "runs" / tag
+        shutil.rmtree(save, ignore_errors=True)  # an interrupted try starts over
+        shutil.rmtree(run_dir, ignore_errors=True)
+        teacher = ckpt / "source" if spec.get("kd") else None
+        kd = dict(teacher=teacher, kd_alpha=args.kd_alpha)
+        t = time.time()
+        result: dict = {"arm": arm, "seed": seed}
+        if spec["kind"] == "prune":
+            rule = spec.get("rule", "paper")
+            pin = spec.get("pin", args.pin_hidden) if spec["init"] == "importance" else 0.0
+            p = pruned(spec["init"], rule, seed, pin)
+            stages.train(tag, Path(p["start"]), save, run_dir, C, lr=args.continue_lr,
+                         updates=args.continue_updates, rule=rule, load=Path(p["final"]),
+                         extra=seed_flags(seed), **kd, **common)  # fmt: skip
+            run_dirs = [Path(p["run_dir"]), run_dir]
+            result.update(after_cut=p["after_cut"], pruning_loss=p["pruning_loss"])
+        elif spec["kind"] == "oneshot":
+            cut = one_shot_cut(spec["method"])
+            stages.train(tag, manifest, save, run_dir, P + C, lr=args.continue_lr,
+                         updates=args.prune_updates + args.continue_updates,
+                         load=Path(cut["final"]), extra=seed_flags(seed), **kd,
+                         **common)  # fmt: skip
+            run_dirs = [run_dir]
+            result["after_cut"] = cut["after_cut"]
+        else:
+            stages.train(tag, manifest, save, run_dir, P + C, lr=args.continue_lr,
+                         updates=args.prune_updates + args.continue_updates,
+                         model=target_cfg.to_dict(), extra=seed_flags(seed), **common)  # fmt: skip
+            run_dirs = [run_dir]
+            result["after_cut"] = None
+        losses = test_loss(f"{tag}-test", save)
+        result.update(
+            test=losses,
+            mean=statistics.fmean(losses.values()),
+            **excess_stats(losses, reference),
+            after_cut_mean=(
+                statistics.fmean(result["after_cut"].values()) if result["after_cut"] else None
+            ),
+            curve=loss_curve(run_dirs, B * s),
+        )
+        if task_dir is not None:
+            hf_dir = out / "hf" / tag
+            stages.export(f"{tag}-export", save, hf_dir, hf_src)
+            result["downstream"] = downstream(f"{tag}-lm-eval", hf_dir)
+            if not args.keep_checkpoints:
+                shutil.rmtree(hf_dir, ignore_errors=True)
+        if not args.keep_checkpoints:
+            shutil.rmtree(save, ignore_errors=True)
+        result["seconds"] = time.time() - t
+        return result
+
+    runs: dict[str, dict[int, dict]] = {}
+    for arm in arms:
+        for seed in seeds:
+            path = out / "results" / arm / f"seed{seed}.json"
+            if path.is_file():
+                print(f"[experiment] {arm} seed {seed}: cached ({path})", flush=True)
+            else:
+                write_json_atomic(path, run_arm(arm, seed))
+            r = json.loads(path.read_text())
+            runs.setdefault(arm, {})[seed] = r
+            acc = r.get("downstream", {}).get("acc")
+            print(f"[experiment] {arm} seed {seed}: mean test loss {r['mean']:.3f}"
+                  + (f", lm-eval acc {acc:.3f}" if acc is not None else "")
+                  + f" ({r['seconds']:.0f} s)", flush=True)  # fmt: skip
+        # every cached seed of the arm counts, not only the ones asked for this time
+        for path in sorted((out / "results" / arm).glob("seed*.json")):
+            seed = int(path.stem[len("seed") :])
+            runs[arm].setdefault(seed, json.loads(path.read_text()))
     results = {
         "settings": {
             **{k: v for k, v in vars(args).items() if k not in ("out",)},
@@ -372,40 +559,19 @@ def main(argv: list[str] | None = None) -> int:
         },
         "reference": reference,
         "reference_valid": reference_valid,
-        "arms": {},
+        "source_downstream": source_downstream,
+        "task": {"items": source_downstream["items"]} if source_downstream else {},
+        "arms": {arm: aggregate(per_seed) for arm, per_seed in runs.items()},
+        "runs": runs,
+        "seconds": time.time() - t_start,
     }
-    for arm in arms:
-        t = time.time()
-        run_dirs, final, after_cut = runs[arm]()
-        losses = test_loss(f"{arm}-test", final)
-        results["arms"][arm] = {
-            "test": losses,
-            "mean": statistics.fmean(losses.values()),
-            **excess_stats(losses, reference),
-            "after_cut": after_cut,
-            "after_cut_mean": statistics.fmean(after_cut.values()) if after_cut else None,
-            "seconds": time.time() - t,
-            "curve": loss_curve(run_dirs, B * s),
-        }
-        print(
-            f"[experiment] {arm:<9} mean test loss {results['arms'][arm]['mean']:.3f} "
-            f"(source {statistics.fmean(reference.values()):.3f}) in "
-            f"{results['arms'][arm]['seconds']:.0f} s",
-            flush=True,
-        )
-    results["seconds"] = time.time() - t_start
     write_plots(results, out / "plots")
-    for name, text in (
-        ("results.json", json.dumps(results, indent=1)),
-        ("results.md", markdown(results)),
-    ):
-        tmp = out / f".{name}.tmp"
-        tmp.write_text(text)
-        os.replace(tmp, out / name)
+    write_json_atomic(out / "results.json", results)
+    tmp = out / ".results.md.tmp"
+    tmp.write_text(markdown(results))
+    os.replace(tmp, out / "results.md")
     print()
     print(markdown(results))
-    ranked = sorted(results["arms"], key=lambda a: results["arms"][a]["mean"])
-    print("ranking by mean test loss: " + " < ".join(ranked))
     print(f"total {results['seconds']:.0f} s; {out / 'results.md'}, {out / 'plots'}")
     return 0
 

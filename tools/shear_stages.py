@@ -10,7 +10,10 @@ every run of a pipeline reads the same data and is evaluated on the same windows
 - :meth:`evaluate`: ``megashear evaluate`` (per-domain loss, JSON) on the validation or test split;
 - :meth:`prune`: ``megashear prune`` under torchrun at PP ``pp`` with dynamic batch loading;
 - :meth:`finalize`, :meth:`train` (continued pre-training, or training from scratch);
-- :meth:`one_shot`: ``tools/one_shot_prune.py``;
+- :meth:`importance`: ``megashear importance`` (activation importance, written beside the
+  checkpoint);
+- :meth:`one_shot`: ``megashear one-shot`` (importance or leading cut);
+- :meth:`export`: ``tools/convert_checkpoint.py megatron-to-hf`` with the tokenizer;
 - :func:`manifest_with_weights`: a copy of the manifest whose initial weights are a run's last.
 """
 
@@ -191,10 +194,12 @@ class ShearStages:
         rule: str = "paper",
         pp: int = 2,
         lr_masks: float = 1.0,
+        extra: tuple[str, ...] = (),
     ) -> None:
         """``megashear prune`` toward ``target`` (``num_layers`` ... fields) on ``pp`` ranks;
         the model weights at a constant ``lr``, log α and λ at ``lr_masks`` (the paper: 1.0), the
-        target sparsity ramped over the first fifth (the paper: 640 of 3200 steps)."""
+        target sparsity ramped over the first fifth (the paper: 640 of 3200 steps); ``extra``
+        flags are passed on (e.g. ``--pruning.init=importance``, seeds)."""
         with self.threads(max(1, 2 // pp)):
             self.runner.megashear(
                 stage,
@@ -209,6 +214,7 @@ class ShearStages:
                 f"--pruning.lagrangian_warmup_steps={max(1, steps // 5)}",
                 f"--pruning.lr_log_alpha={lr_masks}",
                 f"--pruning.lr_lambda={lr_masks}",
+                *extra,
                 nproc=pp,
             )
 
@@ -219,21 +225,44 @@ class ShearStages:
             )
         )
 
-    def one_shot(self, stage: str, load: Path, target: dict, save: Path) -> dict:
-        """The target cut from ``load`` keeping the leading units (no learned masks)."""
-        args = [f"--target-{k.replace('_', '-')}={v}" for k, v in target.items()]
+    def importance(self, stage: str, load: Path, manifest: Path, samples: int) -> dict:
+        """``megashear importance`` of ``load`` on ``samples`` training windows (written to
+        ``importance.pt`` in its root)."""
         return last_json(
-            self.runner.tool(
+            self.runner.megashear(
                 stage,
-                "one_shot_prune.py",
-                "--load",
-                str(load),
-                "--save",
-                str(save),
-                *args,
-                "--overwrite",
+                "importance",
+                f"--checkpoint.load={load}",
+                *self._common(manifest),
+                f"--importance.samples={samples}",
+                f"--train.micro_batch_size={min(8, samples)}",
+                f"--logging.dir={self.runner.out / 'eval' / stage}",
             )
         )
+
+    def one_shot(
+        self, stage: str, load: Path, target: dict, save: Path, method: str = "leading"
+    ) -> dict:
+        """``megashear one-shot``: the target cut from ``load`` by ``method`` (importance:
+        the scores in ``load``'s root; leading: the leading units)."""
+        return last_json(
+            self.runner.megashear(
+                stage,
+                "one-shot",
+                f"--method={method}",
+                f"--checkpoint.load={load}",
+                f"--checkpoint.save={save}",
+                "--overwrite=true",
+                *flags("pruning", {f"target_{k}": v for k, v in target.items()}),
+            )
+        )
+
+    def export(self, stage: str, load: Path, hf_dir: Path, tokenizer: Path) -> str:
+        """``tools/convert_checkpoint.py megatron-to-hf`` with the source's tokenizer."""
+        return self.runner.tool(
+            stage, "convert_checkpoint.py", "megatron-to-hf", "--load", str(load),
+            "--save", str(hf_dir), "--tokenizer", str(tokenizer), "--overwrite",
+        )  # fmt: skip
 
     def train(
         self,
@@ -252,6 +281,7 @@ class ShearStages:
         model: dict | None = None,
         teacher: Path | None = None,
         kd_alpha: float = 1.0,
+        extra: tuple[str, ...] = (),
     ) -> None:
         """``megashear train`` from checkpoint ``load``, or from random weights of shape
         ``model`` (a ``ModelConfig`` dict); cosine from ``lr`` to ``lr / 10`` after a 10%
@@ -271,6 +301,7 @@ class ShearStages:
                 f"--train.lr={lr}",
                 f"--train.min_lr={lr / 10}",
                 f"--train.lr_warmup_iters={max(1, steps // 10)}",
+                *extra,
                 nproc=tp,
             )
 

@@ -58,6 +58,7 @@ def score(
     batch_size: int = 8,
     threads: int | None = None,
     limit: int | None = None,
+    max_length: int = 2048,
 ) -> dict[str, Any]:
     """Score ``hf_dir`` on the task built in ``task_dir`` with ``lm_eval.simple_evaluate``.
 
@@ -67,6 +68,8 @@ def score(
         batch_size: lm-eval's batch size (requests per forward pass).
         threads: torch's CPU threads for the run (None: leave torch's setting); restored after.
         limit: score only the first ``limit`` items (a smoke test; None: all).
+        max_length: the tokens lm-eval may feed the model per request (the items need about
+            110 of SmolLM2's tokens).
 
     Returns:
         task, model, items, acc, acc_stderr, acc_norm, acc_norm_stderr, chance, per-domain
@@ -101,7 +104,9 @@ def score(
         manager = TaskManager(include_path=str(Path(task_dir).resolve()), include_defaults=False)
         out = lm_eval.simple_evaluate(
             model="hf",
-            model_args={"pretrained": str(model), "dtype": "float32"},
+            # an export's max_position_embeddings is its training run's sequence length (e.g.
+            # 128), not a limit of RoPE: without max_length lm-eval would cut contexts to it
+            model_args={"pretrained": str(model), "dtype": "float32", "max_length": max_length},
             tasks=[name],
             task_manager=manager,
             batch_size=batch_size,

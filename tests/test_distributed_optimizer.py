@@ -1,7 +1,7 @@
 """megatron-core's distributed optimizer (ZeRO-1 over DP) for train and prune, on CPU with gloo.
 
-- Its loss and gradient-norm histories equal the plain optimizer's to 1e-5 at DP2, for
-  training and for pruning (there also λ, the Lagrangian, the expected sparsities and the final
+- Its loss and gradient-norm histories equal the plain optimizer's to 1e-5 at DP2, TP2 x DP2
+  and PP2 x DP2, for training and for pruning (there also λ, the Lagrangian, the expected sparsities and the final
   log α, which has its own LR and no weight decay).
 - A checkpoint saved at DP2 with the distributed optimizer continues at DP1 with the plain one,
   and a DP1 plain checkpoint continues at DP2 with the distributed one, with the losses of the
@@ -164,6 +164,21 @@ def runs(tmp_path_factory) -> dict:
     return out
 
 
+@pytest.fixture(scope="module")
+def four_ranks(tmp_path_factory) -> dict:
+    """TP2 x DP2 and PP2 x DP2, plain and distributed, train and prune: one launch."""
+    from tests.launch import torchrun
+
+    plan = [
+        {"name": f"{job}_{name}_{kind}", "job": job, "distopt": kind == "dist", **layout}
+        for job in ("train", "prune")
+        for name, layout in (("tp2", {"tp": 2}), ("pp2", {"pp": 2}))
+        for kind in ("plain", "dist")
+    ]
+    root = tmp_path_factory.mktemp("distopt4")
+    return torchrun(4, plan, root, worker=Path(__file__), timeout=600)
+
+
 def _assert_histories_equal(got: list[dict], want: list[dict], keys=None) -> None:
     assert [e["iteration"] for e in got] == [e["iteration"] for e in want]
     for a, b in zip(got, want):
@@ -186,6 +201,18 @@ def test_distributed_optimizer_matches_the_plain_one_at_dp2(runs, job):
         for kind, value in runs["prune_dist"]["log_alpha"].items():
             ref = runs["prune_plain"]["log_alpha"][kind]
             assert (value - ref).abs().max() <= TOL, kind
+
+
+@pytest.mark.parametrize("job", ["train", "prune"])
+@pytest.mark.parametrize("layout", ["tp2", "pp2"])
+def test_distributed_optimizer_matches_the_plain_one_with_model_parallelism(
+    four_ranks, job, layout
+):
+    plain = four_ranks[f"{job}_{layout}_plain"]
+    dist = four_ranks[f"{job}_{layout}_dist"]
+    _assert_histories_equal(dist["history"], plain["history"])
+    for kind, value in dist.get("log_alpha", {}).items():
+        assert (value - plain["log_alpha"][kind]).abs().max() <= TOL, kind
 
 
 def test_log_alpha_keeps_its_own_lr_and_no_weight_decay_under_the_distributed_optimizer(runs):

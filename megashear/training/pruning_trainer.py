@@ -177,7 +177,23 @@ class PruningTrainer(Trainer):
         lag_loss.backward()
         bank = self.banks[0]
         if "hidden" in self.kinds and ps.get_pipeline_model_parallel_world_size() > 1:
-            grad = bank.hidden_log_alpha.main_grad
+            param = bank.hidden_log_alpha
+            grad = param.main_grad  # [h]
+            if self.par.use_distributed_optimizer:
+                # The DP reduce-scatter left the DP-reduced gradient in this rank's shard of the
+                # buffer only; rebuild the whole [h] from the owners before the sum over stages
+                # (the shard boundaries differ between stages).
+                owned = torch.zeros(grad.numel(), dtype=torch.bool, device=grad.device)
+                for opt in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
+                    where = getattr(opt, "model_param_gbuf_map", {}).get(param)
+                    if where is None:
+                        continue
+                    buffer, dtype, bucket = where
+                    ranges = opt.gbuf_ranges[buffer][dtype][bucket]["param_map"].get(param)
+                    if ranges is not None:
+                        owned[ranges["param"].start : ranges["param"].end] = True
+                grad.view(-1).masked_fill_(~owned, 0.0)
+                dist.all_reduce(grad, group=ps.get_data_parallel_group())
             dist.all_reduce(grad, group=ps.get_pipeline_model_parallel_group())
         self.lambda_optimizer.step()
         stats = {"lagrangian": float(lag_loss.detach())}

@@ -202,6 +202,8 @@ MEASURED = [
     ("train_tp2", 2, "train", 2, 1, False),
     ("train_pp2", 2, "train", 1, 2, False),
     ("train_dp2", 2, "train", 1, 1, False),
+    ("train_dp2_distopt", 2, "train", 1, 1, True),
+    ("prune_dp2_distopt", 2, "prune", 1, 1, True),
     ("prune_tp2", 2, "prune", 2, 1, False),
 ]
 

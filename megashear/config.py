@@ -45,6 +45,16 @@ class ParallelConfig:
     use_distributed_optimizer: bool = False
     """Shard the optimizer state over data-parallel ranks (megatron
     --use-distributed-optimizer)."""
+    recompute_granularity: Literal["none", "selective", "full"] = "none"
+    """Activation recomputation (megatron --recompute-granularity): none; selective recomputes
+    core attention in the backward; full recomputes whole layers from their inputs."""
+    recompute_method: Literal["uniform", "block"] | None = None
+    """With full recomputation (megatron --recompute-method): uniform keeps the input of every
+    group of recompute_num_layers layers; block recomputes the first recompute_num_layers
+    layers of each pipeline stage. null with none or selective."""
+    recompute_num_layers: int | None = None
+    """With full recomputation (megatron --recompute-num-layers): layers per group (uniform) or
+    recomputed per stage (block); null with none or selective."""
 
 
 @dataclass

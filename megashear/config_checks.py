@@ -88,10 +88,41 @@ def check_run_config(cfg: RunConfig, command: str, cuda: bool) -> None:
             "is not supported when pruning (the masked RMSNorm weights are not marked for "
             "sequence parallelism, so their gradients would skip the TP all-reduce)",
         )
+    _check_recompute(cfg, fail)
     if cfg.train.bf16 and not cuda:
         fail("train.bf16", True, "needs CUDA (this machine has none; leave it null or false)")
     if command in ("train", "prune"):
         _check_distill(cfg, fail)
+
+
+def _check_recompute(cfg: RunConfig, fail) -> None:
+    """Recomputation settings that megatron-core would refuse, or that contradict each other."""
+    par = cfg.parallel
+    if par.recompute_granularity != "full":
+        for key in ("recompute_method", "recompute_num_layers"):
+            if getattr(par, key) is not None:
+                fail(
+                    f"parallel.{key}",
+                    getattr(par, key),
+                    "needs parallel.recompute_granularity=full (it is "
+                    f"{par.recompute_granularity})",
+                )
+        return
+    if par.recompute_method is None:
+        fail("parallel.recompute_method", None, "must be uniform or block with full recompute")
+    if par.recompute_num_layers is None or par.recompute_num_layers < 1:
+        fail(
+            "parallel.recompute_num_layers",
+            par.recompute_num_layers,
+            "must be at least 1 with full recompute",
+        )
+    per_stage = cfg.model.num_layers // max(par.pp * (par.vpp or 1), 1)
+    if par.recompute_num_layers > per_stage:
+        fail(
+            "parallel.recompute_num_layers",
+            par.recompute_num_layers,
+            f"exceeds the {per_stage} layers of a pipeline stage",
+        )
 
 
 def _check_distill(cfg: RunConfig, fail) -> None:

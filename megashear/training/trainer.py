@@ -58,6 +58,73 @@ def _loss_func(
     return loss_sum, num_tokens, reports
 
 
+def recompute_config(tconfig, par: ParallelConfig):
+    """``tconfig`` with the layout's activation recomputation (megatron-core's own fields,
+    validated by its ``TransformerConfig``): ``selective`` checkpoints core attention, ``full``
+    whole layers by ``recompute_method`` / ``recompute_num_layers``.
+
+    The pruning masks are sampled once per micro-batch before the forward (``MaskBank.sample``)
+    and held as tensors; a recomputed forward reads the same ``z`` (it draws no noise). Those
+    ``z`` carry the graph back to log α, which megatron-core's reentrant checkpoint would
+    traverse once per recomputed region and free (:func:`use_non_reentrant_checkpoint`)."""
+    import dataclasses
+
+    if par.recompute_granularity == "none":
+        return tconfig
+    use_non_reentrant_checkpoint()
+    return dataclasses.replace(
+        tconfig,
+        recompute_granularity=par.recompute_granularity,
+        recompute_method=par.recompute_method,
+        recompute_num_layers=par.recompute_num_layers,
+    )
+
+
+def use_non_reentrant_checkpoint() -> None:
+    """Recompute through ``torch.utils.checkpoint`` (non-reentrant) instead of megatron-core's
+    ``CheckpointFunction``.
+
+    megatron's reentrant checkpoint runs its own ``torch.autograd.backward`` over each
+    recomputed region. A tensor the region reads without taking it as an input, and whose
+    graph reaches outside the region (the pruning masks ``z``, sampled from log α once per
+    micro-batch), is then backpropagated through once per region, and the second time its
+    saved values are gone: "Trying to backward through the graph a second time". The
+    non-reentrant checkpoint recomputes inside the one backward, so ``z``'s graph is traversed
+    once, with every region's gradient. Megatron's RNG tracker states are restored for the
+    recomputation as its checkpoint does (torch's restores the default generators). Applied
+    once per process, with CUDA too; ``distribute_saved_activations`` is refused.
+    """
+    from megatron.core import tensor_parallel
+
+    if getattr(tensor_parallel.checkpoint, "_megashear_non_reentrant", False):
+        return
+
+    def checkpoint(function, distribute_saved_activations, *args):
+        from torch.utils.checkpoint import checkpoint as torch_checkpoint
+
+        if distribute_saved_activations:
+            raise ValueError("distribute_saved_activations is not supported by megashear")
+        tracker = tensor_parallel.get_cuda_rng_tracker()
+        saved = tracker.get_states()
+        calls = [0]
+
+        def run(*inputs):
+            calls[0] += 1
+            if calls[0] == 1:  # the forward
+                return function(*inputs)
+            current = tracker.get_states()  # the recomputation, in the backward
+            tracker.set_states(saved)
+            try:
+                return function(*inputs)
+            finally:
+                tracker.set_states(current)
+
+        return torch_checkpoint(run, *args, use_reentrant=False, preserve_rng_state=True)
+
+    checkpoint._megashear_non_reentrant = True
+    tensor_parallel.checkpoint = checkpoint
+
+
 def forward_step(data_iterator, model):
     """megatron-core ``forward_step_func``: one micro-batch through one model chunk."""
     return forward_batch(next(data_iterator), model)
@@ -130,7 +197,7 @@ class Trainer:
         self.num_microbatches = train_cfg.global_batch_size // per_step
         bf16 = train_cfg.bf16 if train_cfg.bf16 is not None else platform.cuda_available()
         self.dtype = torch.bfloat16 if bf16 else torch.float32
-        self.tconfig = build_transformer_config(model_cfg, par, self.dtype)
+        self.tconfig = recompute_config(build_transformer_config(model_cfg, par, self.dtype), par)
         if callable(spec):
             spec = spec(self.tconfig)
         self.spec = spec if spec is not None else layer_spec()

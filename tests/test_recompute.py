@@ -3,7 +3,7 @@
 With selective (core attention) and full (uniform and block) recomputation, the losses and every
 gradient (the weights' ``main_grad`` and, when pruning, the log α's, Lagrangian included) equal
 the run without it to 1e-6, over two optimizer steps, training and pruning with all six mask
-kinds. The masks are sampled once per micro-batch before the forward and held as tensors, so
+kinds, at TP1, TP2 and PP2. The masks are sampled once per micro-batch before the forward and held as tensors, so
 the recomputed forward reads the same ``z``; the control run shows the comparison would catch a
 recomputation that saw other noise than the first forward (the test fails then).
 
@@ -105,6 +105,10 @@ def run_job(job: dict) -> dict:
 
         trainer = Trainer(cfg, par, train, batches)
     assert (trainer.tconfig.recompute_granularity or "none") == gran
+    if job.get("no_restore"):  # the control: recompute with whatever masks are current
+        from megashear.training import trainer as trainer_module
+
+        trainer_module._RECOMPUTE_STATES.clear()
     grads: list[dict] = []
     after_backward = trainer.after_backward
 
@@ -160,7 +164,17 @@ def runs(tmp_path_factory) -> dict:
     plan.append({"name": "prune_control", "job": "prune", "recompute": "full_uniform",
                  "control": True})  # fmt: skip
     root = tmp_path_factory.mktemp("recompute")
-    return torchrun(1, plan, root, worker=Path(__file__), timeout=600)
+    out = torchrun(1, plan, root, worker=Path(__file__), timeout=600)
+    parallel = [
+        {"name": f"{job}_{name}_{rc}", "job": job, "recompute": rc, **layout}
+        for job in ("train", "prune")
+        for name, layout in (("tp2", {"tp": 2}), ("pp2", {"pp": 2}))
+        for rc in ("none", "full_uniform", "selective")
+    ]
+    parallel.append({"name": "prune_pp2_no_restore", "job": "prune", "pp": 2,
+                     "recompute": "full_uniform", "no_restore": True})  # fmt: skip
+    out.update(torchrun(2, parallel, root / "two", worker=Path(__file__), timeout=600))
+    return out
 
 
 def _differences(got: dict, want: dict) -> list[str]:
@@ -189,9 +203,24 @@ def test_recomputation_changes_no_loss_and_no_gradient(runs, job, recompute):
     assert not _differences(got, want)
 
 
+@pytest.mark.parametrize("job", ["train", "prune"])
+@pytest.mark.parametrize("layout", ["tp2", "pp2"])
+@pytest.mark.parametrize("recompute", ["full_uniform", "selective"])
+def test_recomputation_changes_nothing_under_tp_and_pp(runs, job, layout, recompute):
+    """Rank 0's gradients (TP rank 0; the first pipeline stage) and the losses."""
+    got, want = runs[f"{job}_{layout}_{recompute}"], runs[f"{job}_{layout}_none"]
+    assert got["checkpointed"] and not want["checkpointed"]
+    assert not _differences(got, want)
+
+
 def test_the_comparison_catches_noise_redrawn_in_the_recomputation(runs):
     bad = _differences(runs["prune_control"], runs["prune_none"])
     assert bad, "a recomputation with other noise went unnoticed"
+    # under 1F1B the first stage runs the second micro-batch's forward (and samples its
+    # masks) before the first one's backward: without restoring the forward's masks, the
+    # recomputation reads the second micro-batch's
+    bad = _differences(runs["prune_pp2_no_restore"], runs["prune_pp2_none"])
+    assert bad, "a recomputation with the next micro-batch's masks went unnoticed"
 
 
 @pytest.mark.parametrize(

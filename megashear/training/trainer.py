@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+import weakref
 from collections.abc import Callable
 from functools import partial
 
@@ -80,6 +81,11 @@ def recompute_config(tconfig, par: ParallelConfig):
     )
 
 
+# Weak references to the bound ``recompute_state`` of the live trainers that recompute: the
+# checkpoint captures their per-forward state at the forward and restores it for the recompute.
+_RECOMPUTE_STATES: list[weakref.WeakMethod] = []
+
+
 def use_non_reentrant_checkpoint() -> None:
     """Recompute through ``torch.utils.checkpoint`` (non-reentrant) instead of megatron-core's
     ``CheckpointFunction``.
@@ -91,8 +97,10 @@ def use_non_reentrant_checkpoint() -> None:
     saved values are gone: "Trying to backward through the graph a second time". The
     non-reentrant checkpoint recomputes inside the one backward, so ``z``'s graph is traversed
     once, with every region's gradient. Megatron's RNG tracker states are restored for the
-    recomputation as its checkpoint does (torch's restores the default generators). Applied
-    once per process, with CUDA too; ``distribute_saved_activations`` is refused.
+    recomputation as its checkpoint does (torch's restores the default generators), and so is
+    every live trainer's :meth:`Trainer.recompute_state` (the masks of the micro-batch being
+    recomputed: under 1F1B the next micro-batches have sampled theirs before its backward).
+    Applied once per process, with CUDA too; ``distribute_saved_activations`` is refused.
     """
     from megatron.core import tensor_parallel
 
@@ -106,18 +114,25 @@ def use_non_reentrant_checkpoint() -> None:
             raise ValueError("distribute_saved_activations is not supported by megashear")
         tracker = tensor_parallel.get_cuda_rng_tracker()
         saved = tracker.get_states()
+        holders = [h for h in (ref() for ref in _RECOMPUTE_STATES) if h is not None]
+        forward_states = [swap(None) for swap in holders]
         calls = [0]
 
         def run(*inputs):
             calls[0] += 1
             if calls[0] == 1:  # the forward
                 return function(*inputs)
-            current = tracker.get_states()  # the recomputation, in the backward
+            # the recomputation, in the backward: the forward's RNG and per-forward state (under
+            # 1F1B later micro-batches have sampled their own masks since)
+            current = tracker.get_states()
             tracker.set_states(saved)
+            now = [swap(state) for swap, state in zip(holders, forward_states)]
             try:
                 return function(*inputs)
             finally:
                 tracker.set_states(current)
+                for swap, state in zip(holders, now):
+                    swap(state)
 
         return torch_checkpoint(run, *args, use_reentrant=False, preserve_rng_state=True)
 
@@ -204,6 +219,9 @@ class Trainer:
         chunks = build_model(model_cfg, self.tconfig, self.spec)
         self.prepare_model(chunks)
         self.model = self._wrap_ddp(chunks)
+        if par.recompute_granularity != "none":
+            _RECOMPUTE_STATES[:] = [r for r in _RECOMPUTE_STATES if r() is not None]
+            _RECOMPUTE_STATES.append(weakref.WeakMethod(self.recompute_state))
         self.optimizer = self._build_optimizer()
         self.scheduler = self._build_scheduler()
         self.iteration = 0
@@ -233,6 +251,18 @@ class Trainer:
 
     def prepare_model(self, chunks: list[torch.nn.Module]) -> None:
         """Hook: change the bare model chunks before DDP wrapping and optimizer creation."""
+
+    def recompute_state(self, state: list | None) -> list:
+        """The state a forward sets up before it runs and a recomputation must see again: each
+        chunk's pruning masks (``mask_bank.z``, sampled per micro-batch); returns the current
+        one and, when ``state`` is not None, puts ``state`` in its place."""
+        banks = [getattr(getattr(c, "module", c), "mask_bank", None) for c in self.model]
+        current = [None if bank is None else bank.z for bank in banks]
+        if state is not None:
+            for bank, z in zip(banks, state):
+                if bank is not None:
+                    bank.z = z
+        return current
 
     def optimizer_overrides(self) -> dict | None:
         """Hook: megatron-core ``config_overrides`` (per-parameter-group LR / weight decay)."""

@@ -1,12 +1,15 @@
 """A local lm-eval task from held-out corpus text: 4-way multiple-choice continuation.
 
 Each item is a passage of about ``context_chars`` characters from one document (it starts at a
-line or sentence start where the document has one), its true continuation (the next words, about
-``min_continuation_chars``-``max_continuation_chars`` characters), and three distractors: spans of
-about the same length from three *other* documents of the same domain, each led by the same
-whitespace that separates the passage from its true continuation. The four choices are shuffled
-with a seeded generator; lm-eval scores them by log-likelihood (``acc``) and by log-likelihood
-per character (``acc_norm``), as it scores HellaSwag. Chance is 0.25.
+line or sentence start where the document has one), its true continuation (the next words, up to
+the first word end past a target length drawn from ``min_continuation_chars``-
+``max_continuation_chars``), and three distractors: spans from random word starts of three
+*other* documents of the same domain, cut by the same rule at the same target length (so true and
+false choices have the same length distribution and a model that prefers short or long choices
+scores chance), each led by the same whitespace that separates the passage from its true
+continuation. The four choices are shuffled with a seeded generator; lm-eval scores them by
+log-likelihood (``acc``) and by log-likelihood per character (``acc_norm``), as it scores
+HellaSwag. Chance is 0.25.
 
 **Held out.** Training, pruning and preprocessing read each domain's corpus file from its start
 (``tools/preprocess_data.py --max-bytes-per-domain``, at most 2 MB in ``tools/demo.py`` and
@@ -49,8 +52,6 @@ DEFAULT_TASK_NAME = "megashear_heldout"
 CORPUS_SUFFIXES = (".jsonl", ".jsonl.xz", ".jsonl.gz", ".jsonl.bz2")
 TASK_VERSION = 1
 NUM_CHOICES = 4
-# A distractor's length may differ from the true continuation's by these factors at most.
-LENGTH_LOW, LENGTH_HIGH = 0.85, 1.2
 _WORD = re.compile(r"\S+")
 _SENTENCE_END = re.compile(r"(?:[.!?:;][\"')\]]*\s+|\n\s*)$")
 _NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
@@ -72,8 +73,8 @@ class TaskSpec:
         name: the lm-eval task name (also the files' stem).
     """
 
-    items_per_domain: int = 35
-    context_chars: int = 320
+    items_per_domain: int = 30
+    context_chars: int = 256
     min_continuation_chars: int = 60
     max_continuation_chars: int = 100
     seed: int = 1234
@@ -208,15 +209,17 @@ def _span(
 
 
 def _distractor(
-    rng: random.Random, pool: list[str], avoid: set[int], length: int
+    rng: random.Random, pool: list[str], avoid: set[int], target: int, cap: int
 ) -> tuple[int, str] | None:
-    """A span of about ``length`` characters from a random document of ``pool`` not in
-    ``avoid``: (document index, text), or None after a bounded number of tries."""
-    low, high = int(length * LENGTH_LOW), int(length * LENGTH_HIGH) + 1
+    """A span from a random word start of a random document of ``pool`` not in ``avoid`` to
+    the first word end at least ``target`` characters on (the rule that cut the true
+    continuation, so the lengths of the true and the false choices have the same distribution),
+    at most ``cap`` characters: (document index, text), or None after a bounded number of tries.
+    """
     for _ in range(64):
         d = rng.randrange(len(pool))
         text = pool[d]
-        if d in avoid or len(text) < low:
+        if d in avoid or len(text) < target:
             continue
         first = _WORD.search(text, rng.randrange(len(text)))
         if first is None:
@@ -227,8 +230,8 @@ def _distractor(
                 continue
         start = first.start()
         for word in _WORD.finditer(text, start):
-            if word.end() - start >= low:
-                if word.end() - start <= high:
+            if word.end() - start >= target:
+                if word.end() - start <= cap:
                     return d, text[start : word.end()]
                 break
     return None
@@ -270,7 +273,7 @@ def _item(
     seen = {" ".join(truth.split())}
     avoid = {d}
     while len(choices) < NUM_CHOICES:
-        got = _distractor(rng, pool, avoid, len(truth))
+        got = _distractor(rng, pool, avoid, target, 2 * spec.max_continuation_chars)
         if got is None:
             return None
         doc, span = got

@@ -1,7 +1,7 @@
 """megatron-core's distributed optimizer (ZeRO-1 over DP) for train and prune, on CPU with gloo.
 
 - Its loss and gradient-norm histories equal the plain optimizer's to 1e-5 at DP2, TP2 x DP2
-  and PP2 x DP2, for training and for pruning (there also λ, the Lagrangian, the expected sparsities and the final
+  and PP2 x DP2, for training and for pruning, and at DP2 for KD (KD and LM losses too) (there also λ, the Lagrangian, the expected sparsities and the final
   log α, which has its own LR and no weight decay).
 - A checkpoint saved at DP2 with the distributed optimizer continues at DP1 with the plain one,
   and a DP1 plain checkpoint continues at DP2 with the distributed one, with the losses of the
@@ -57,6 +57,13 @@ def make_trainer(job: dict):
     )
     ckpt = CheckpointConfig(save=job.get("save"), load=job.get("load"), keep_last=0)
     batches = SyntheticBatches(cfg.vocab_size, cfg.seq_length, 7)
+    if job["job"] == "kd":  # the target-shaped student distils from the source's weights
+        from megashear.config import DistillConfig
+        from megashear.training.trainer import Trainer
+
+        student = dataclasses.replace(cfg, **TARGET, kv_channels=cfg.head_dim)
+        distill = DistillConfig(teacher=job["teacher"], alpha=0.5, temperature=2.0)
+        return Trainer(student, par, train, batches, ckpt, distill=distill)
     if job["job"] == "prune":
         from megashear.training.pruning_trainer import PruningTrainer
 
@@ -87,6 +94,12 @@ def log_alpha_groups(trainer) -> list[dict]:
 
 
 def run_job(job: dict) -> dict:
+    if job["job"] == "save_teacher":
+        from megashear.checkpoint.model_state import save_model_checkpoint
+
+        trainer = make_trainer({**job, "job": "train"})
+        save_model_checkpoint(trainer.model, trainer.model_cfg, job["dir"])
+        return {}
     trainer = make_trainer(job)
     history = []
     while trainer.iteration < job.get("steps", STEPS):
@@ -97,7 +110,7 @@ def run_job(job: dict) -> dict:
             "grad_norm": stats["grad_norm"],
         }
         for key, value in stats.items():
-            if key.startswith(("lagrangian", "expected_sparsity/", "lambda/")):
+            if key.startswith(("lagrangian", "expected_sparsity/", "lambda/", "kd_", "lm_")):
                 entry[key] = value
         if job["job"] == "prune":
             entry["log_alpha_groups"] = log_alpha_groups(trainer)
@@ -158,6 +171,12 @@ def runs(tmp_path_factory) -> dict:
             {"name": f"{job}_dist_resumed", "job": job, "distopt": True,
              "load": str(root / f"{job}_dist")},
         ]  # fmt: skip
+    teacher = str(root / "teacher")
+    first += [
+        {"name": "teacher", "job": "save_teacher", "distopt": False, "dir": teacher},
+        {"name": "kd_plain", "job": "kd", "distopt": False, "teacher": teacher},
+        {"name": "kd_dist", "job": "kd", "distopt": True, "teacher": teacher},
+    ]
     out = torchrun(2, first, root / "first", worker=me, timeout=600)
     out.update(torchrun(1, second, root / "second", worker=me, timeout=600))
     out.update(torchrun(2, third, root / "third", worker=me, timeout=600))
@@ -186,13 +205,15 @@ def _assert_histories_equal(got: list[dict], want: list[dict], keys=None) -> Non
             assert a[key] == pytest.approx(b[key], rel=TOL, abs=TOL), (key, a, b)
 
 
-@pytest.mark.parametrize("job", ["train", "prune"])
+@pytest.mark.parametrize("job", ["train", "prune", "kd"])
 def test_distributed_optimizer_matches_the_plain_one_at_dp2(runs, job):
     plain, dist = runs[f"{job}_plain"]["history"], runs[f"{job}_dist"]["history"]
     assert len(dist) == STEPS
     _assert_histories_equal(dist, plain)
     losses = [e["loss"] for e in dist]
     assert losses[-1] != losses[0]  # it trains
+    if job == "kd":
+        assert all(e["kd_loss"] > 0 and e["lm_loss"] > 0 for e in dist)
     if job == "prune":
         assert {k for k in dist[0] if k.startswith("expected_sparsity/")} == {
             f"expected_sparsity/{k}" for k in KINDS

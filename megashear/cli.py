@@ -24,6 +24,9 @@ from megashear import config_io
 from megashear.config import OneShotConfig, RunConfig
 from megashear.config_io import ConfigError
 from megashear.jobs.common import UsageError, make_batches, pruning_target
+from megashear.jobs.convert import ConvertConfig
+from megashear.jobs.fit_reference import FitReferenceConfig
+from megashear.jobs.preprocess import PreprocessConfig
 from megashear.model_config import WEIGHT_FIELDS, ModelConfig, get_preset, model_differences
 from megashear.planning import PlanConfig
 from megashear.scaling.p2_config import FitP2Config
@@ -480,6 +483,22 @@ COMMANDS: dict[str, Command] = {
         "megashear.jobs.fit_p2:run",
         "fit the P² law of post-training after pruning to loss curves, and predict",
         config=FitP2Config,
+    ),
+    "convert": Command(
+        "megashear.jobs.convert:run",
+        "convert a checkpoint: hf-to-megatron, meta-to-megatron, megatron-to-hf (with a model "
+        "card) or reshard",
+        config=ConvertConfig,
+    ),
+    "preprocess": Command(
+        "megashear.jobs.preprocess:run",
+        "tokenize JSON Lines per domain into indexed datasets and a domain manifest",
+        config=PreprocessConfig,
+    ),
+    "fit-reference": Command(
+        "megashear.jobs.fit_reference:run",
+        "per-domain reference losses at the target size from a scaling-law fit, as JSON",
+        config=FitReferenceConfig,
     ),
     "plan": Command(
         "megashear.jobs.plan:run",

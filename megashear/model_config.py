@@ -140,6 +140,52 @@ class ModelConfig:
         return cls(**d)
 
 
+# Fields that are sizes (at least 1) and floats that must be finite and above 0; a ModelConfig
+# read from a foreign config (HF, Meta) is checked against them (:func:`check_model_values`).
+POSITIVE_INT_FIELDS = (
+    "num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
+    "vocab_size", "kv_channels", "seq_length", "rope_original_max_position_embeddings",
+    "make_vocab_size_divisible_by",
+)  # fmt: skip
+POSITIVE_FLOAT_FIELDS = (
+    "rotary_base", "norm_epsilon", "rope_scaling_factor", "rope_low_freq_factor",
+    "rope_high_freq_factor",
+)  # fmt: skip
+
+
+def check_model_values(cfg: ModelConfig) -> None:
+    """Raise ``ValueError`` (one line naming the field) unless every value of ``cfg`` is one a
+    model can have: sizes are integers of at least 1 (``kv_channels`` may be null), epsilon,
+    RoPE base and RoPE scaling factors finite numbers above 0, ``tie_word_embeddings`` a bool,
+    the query heads a multiple of the key/value heads and, for llama3 RoPE scaling, the high
+    frequency factor above the low one (transformers divides by their difference)."""
+    for name in POSITIVE_INT_FIELDS:
+        value = getattr(cfg, name)
+        if name == "kv_channels" and value is None:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    for name in POSITIVE_FLOAT_FIELDS:
+        value = getattr(cfg, name)
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not number or not math.isfinite(value) or value <= 0:
+            raise ValueError(f"{name} must be a finite number above 0, got {value!r}")
+    if not isinstance(cfg.tie_word_embeddings, bool):
+        raise ValueError(
+            f"tie_word_embeddings must be true or false, got {cfg.tie_word_embeddings!r}"
+        )
+    if cfg.num_attention_heads % cfg.num_query_groups:
+        raise ValueError(
+            f"num_attention_heads={cfg.num_attention_heads} is not a multiple of "
+            f"num_query_groups={cfg.num_query_groups}"
+        )
+    if cfg.rope_scaling == "llama3" and cfg.rope_high_freq_factor <= cfg.rope_low_freq_factor:
+        raise ValueError(
+            f"rope_high_freq_factor={cfg.rope_high_freq_factor} must be above "
+            f"rope_low_freq_factor={cfg.rope_low_freq_factor}"
+        )
+
+
 # Fields that define the weights: two configs that differ in one of them are different models.
 # ``seq_length`` is the only field a run may change on a given checkpoint.
 WEIGHT_FIELDS = tuple(f.name for f in dataclasses.fields(ModelConfig) if f.name != "seq_length")

@@ -1,10 +1,10 @@
 """Hugging Face LLaMA directories <-> canonical weights (layout in :mod:`megashear.layout`).
 
 Reading is strict: ``config.json`` must describe a LLaMA this code reproduces exactly (every key
-understood: tied or untied embeddings, the RoPE base from ``rope_theta`` or transformers 5's
-``rope_parameters``, default or ``llama3`` rope scaling; no biases), every tensor must be
-present with the shape the config implies, and no unknown tensor may appear (a tied model may
-still carry a redundant ``lm_head.weight``, which is not read). Weights come from safetensors or
+understood and every value checked: tied or untied embeddings, the RoPE base from
+``rope_theta`` or transformers 5's ``rope_parameters``, default or ``llama3`` rope scaling; no
+biases), every tensor must be present with the shape the config implies, and no unknown tensor
+may appear (a tied model may still carry a redundant ``lm_head.weight``, which is not read). Weights come from safetensors or
 ``.bin``, single or sharded with an index. Writing produces what ``transformers`` loads as it
 is: ``config.json`` (the checkpoint's own sizes, ``head_dim``, the tie and the rope settings),
 safetensors shards with an index (one embedding tensor when tied, the vocabulary unpadded),
@@ -15,6 +15,7 @@ Output goes to a temporary directory renamed at the end.
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Callable
 
@@ -24,7 +25,7 @@ from megashear.checkpoint.format import read_json_object
 from megashear.checkpoint.publish import publish_dir
 from megashear.conversion.safetensors_io import TensorInfo, read_header, read_tensor, write_file
 from megashear.layout import canonical_order, canonical_shapes
-from megashear.model_config import ModelConfig
+from megashear.model_config import ModelConfig, check_model_values
 
 HF_LAYER = {
     "input_norm": "model.layers.{}.input_layernorm.weight",
@@ -107,17 +108,25 @@ def _rope_settings(c: dict, where: str) -> dict:
     rope = {**legacy, **params}
     rope_type = rope.pop("rope_type", "default") or "default"
     # transformers' LlamaConfig default when neither spelling gives a base
-    out = {"rotary_base": float(rope.pop("rope_theta", 10000.0))}
+    out = {"rotary_base": positive_float(rope.pop("rope_theta", None), "rope_theta", where, 1e4)}
     if rope_type == "llama3":
         missing = [k for k in LLAMA3_ROPE_KEYS if k not in rope]
         if missing:
             raise ConversionError(f"{where}: rope_scaling llama3 lacks {missing}")
         out.update(
             rope_scaling="llama3",
-            rope_scaling_factor=float(rope.pop("factor")),
-            rope_low_freq_factor=float(rope.pop("low_freq_factor")),
-            rope_high_freq_factor=float(rope.pop("high_freq_factor")),
-            rope_original_max_position_embeddings=int(rope.pop("original_max_position_embeddings")),
+            rope_scaling_factor=positive_float(rope.pop("factor"), "rope factor", where),
+            rope_low_freq_factor=positive_float(
+                rope.pop("low_freq_factor"), "rope low_freq_factor", where
+            ),
+            rope_high_freq_factor=positive_float(
+                rope.pop("high_freq_factor"), "rope high_freq_factor", where
+            ),
+            rope_original_max_position_embeddings=positive_int(
+                rope.pop("original_max_position_embeddings"),
+                "rope original_max_position_embeddings",
+                where,
+            ),
         )
     elif rope_type != "default":
         raise ConversionError(
@@ -135,6 +144,9 @@ def config_from_hf(path: str) -> ModelConfig:
     change the model (``IGNORED_KEYS``); anything else, and any unsupported value (biases, an
     activation other than silu, a rope type other than default/llama3), is a one-line
     :class:`ConversionError`, so that no config converts silently into a different model.
+    Values are checked as run settings are: sizes are integers of at least 1, ``rms_norm_eps``,
+    the RoPE base and the llama3 factors finite numbers above 0, ``tie_word_embeddings`` true
+    or false; null takes transformers' default, nothing else is converted.
     """
     cfg_path = os.path.join(path, "config.json")
     c = read_json_object(cfg_path, ConversionError)
@@ -156,25 +168,68 @@ def config_from_hf(path: str) -> ModelConfig:
         )
     for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                 "vocab_size"):  # fmt: skip
-        if not isinstance(c.get(key), int) or c[key] <= 0:
-            raise ConversionError(
-                f"{cfg_path}: {key} must be a positive integer, got {c.get(key)!r}"
-            )
+        positive_int(c.get(key), key, cfg_path)
     heads = c["num_attention_heads"]
-    head_dim = c.get("head_dim") or c["hidden_size"] // heads
-    return ModelConfig(
+    groups = positive_int(c.get("num_key_value_heads"), "num_key_value_heads", cfg_path, heads)
+    if heads % groups:
+        raise ConversionError(
+            f"{cfg_path}: num_attention_heads={heads} is not a multiple of "
+            f"num_key_value_heads={groups}"
+        )
+    head_dim = positive_int(c.get("head_dim"), "head_dim", cfg_path, c["hidden_size"] // heads)
+    tied = c.get("tie_word_embeddings", False)  # LlamaConfig's default
+    if not isinstance(tied, bool):
+        raise ConversionError(
+            f"{cfg_path}: tie_word_embeddings must be true or false, got {tied!r}"
+        )
+    cfg = ModelConfig(
         num_layers=c["num_hidden_layers"],
         hidden_size=c["hidden_size"],
         num_attention_heads=heads,
-        num_query_groups=c.get("num_key_value_heads") or heads,
+        num_query_groups=groups,
         ffn_hidden_size=c["intermediate_size"],
         vocab_size=c["vocab_size"],
         kv_channels=None if head_dim * heads == c["hidden_size"] else head_dim,
-        seq_length=c.get("max_position_embeddings", 4096),
-        norm_epsilon=float(c.get("rms_norm_eps", 1e-6)),  # LlamaConfig's default
-        tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),  # LlamaConfig's default
+        seq_length=positive_int(
+            c.get("max_position_embeddings"), "max_position_embeddings", cfg_path, 4096
+        ),
+        # LlamaConfig's default
+        norm_epsilon=positive_float(c.get("rms_norm_eps"), "rms_norm_eps", cfg_path, 1e-6),
+        tie_word_embeddings=tied,
         **_rope_settings(c, cfg_path),
     )
+    checked(cfg, cfg_path)
+    return cfg
+
+
+def positive_int(value, key: str, where: str, default: int | None = None) -> int:
+    """``value`` (a config's ``key``) as a size: an integer of at least 1 (a JSON ``1.0`` or
+    ``true`` is not one). An absent or null value is ``default`` when one is given."""
+    if value is None and default is not None:
+        return default
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConversionError(f"{where}: {key} must be a positive integer, got {value!r}")
+    return value
+
+
+def positive_float(value, key: str, where: str, default: float | None = None) -> float:
+    """``value`` (a config's ``key``) as a finite number above 0 (a string such as ``"1e-5"``
+    is not one). An absent or null value is ``default`` when one is given."""
+    if value is None and default is not None:
+        return default
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not number or not math.isfinite(value) or value <= 0:
+        raise ConversionError(f"{where}: {key} must be a finite number above 0, got {value!r}")
+    return float(value)
+
+
+def checked(cfg: ModelConfig, where: str) -> None:
+    """The last check of a model read from ``where``: every value one a model can have
+    (:func:`megashear.model_config.check_model_values`), as a :class:`ConversionError`."""
+    try:
+        check_model_values(cfg)
+    except ValueError as exc:
+        raise ConversionError(f"{where}: {exc}") from None
 
 
 def load_torch_file(path: str, **kwargs) -> dict:
@@ -358,11 +413,14 @@ def write_hf_stream(
     overwrite: bool = False,
     max_shard_bytes: int = 2 * 1024**3,
     progress: bool = False,
+    extra_files: dict[str, str] | None = None,
 ) -> None:
     """Write an HF LLaMA directory, pulling one canonical tensor at a time from ``get``.
 
     The safetensors shards are laid out from the shapes first and then filled tensor by
-    tensor, so memory holds one tensor. Everything goes to ``PATH.tmp-hf``, renamed at the end.
+    tensor, so memory holds one tensor. ``extra_files`` (file name -> text, e.g. the model
+    card ``README.md``) are written beside them. Everything goes to ``PATH.tmp-hf``, renamed
+    at the end.
     """
     if os.path.exists(path) and not overwrite:
         raise ConversionError(f"output {path} exists (pass --overwrite to replace it)")
@@ -383,6 +441,9 @@ def write_hf_stream(
     def fill(tmp: str) -> None:
         os.makedirs(tmp)
         _fill_hf_dir(tmp, get, cfg, dtype, shards, tokenizer, progress)
+        for name, text in (extra_files or {}).items():
+            with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
+                f.write(text)
 
     publish_dir(path, fill, suffix=".tmp-hf")
 

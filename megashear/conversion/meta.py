@@ -115,23 +115,8 @@ class MetaReader:
             raise ConversionError("model-parallel shards hold different tensor names")
         # Llama-3.2 1B/3B ship no ``output`` tensor: the LM head is the embedding.
         tied = "output.weight" not in names
-        dim, heads = p["dim"], p["n_heads"]
-        vocab = p.get("vocab_size", -1)
-        if vocab is None or vocab < 0:
-            vocab = self.shards[0]["tok_embeddings.weight"].shape[0]
-        self.cfg = ModelConfig(
-            num_layers=p["n_layers"],
-            hidden_size=dim,
-            num_attention_heads=heads,
-            num_query_groups=p.get("n_kv_heads") or heads,
-            ffn_hidden_size=ffn_size(dim, p.get("multiple_of", 256), p.get("ffn_dim_multiplier")),
-            vocab_size=vocab,
-            seq_length=p.get("max_seq_len", 4096),
-            rotary_base=float(p.get("rope_theta", 10000.0)),
-            norm_epsilon=float(p.get("norm_eps", 1e-5)),
-            tie_word_embeddings=tied,
-            **_meta_rope_scaling(p),
-        )
+        rows = self.shards[0]["tok_embeddings.weight"].shape[0]
+        self.cfg = config_from_params(p, params_path, rows, tied)
         shapes = canonical_shapes(self.cfg)
         expected = {_meta_name(k): k for k in shapes}
         unknown = sorted(names - set(expected))
@@ -164,18 +149,60 @@ class MetaReader:
         return t.to(self.dtype)
 
 
-def _meta_rope_scaling(p: dict) -> dict:
-    """``use_scaled_rope`` of Meta's Llama-3.1+ params: llama3 scaling with Meta's reference
-    constants (low 1, high 4, original context 8192; factor ``rope_scaling_factor``, else 8)."""
-    if not p.get("use_scaled_rope"):
-        return {}
-    return {
-        "rope_scaling": "llama3",
-        "rope_scaling_factor": float(p.get("rope_scaling_factor", 8.0)),
-        "rope_low_freq_factor": 1.0,
-        "rope_high_freq_factor": 4.0,
-        "rope_original_max_position_embeddings": 8192,
-    }
+def config_from_params(p: dict, where: str, embedding_rows: int, tied: bool) -> ModelConfig:
+    """ModelConfig from Meta's ``params.json`` (``p``, read from ``where``), checked value by
+    value: sizes are positive integers, ``norm_eps``, ``rope_theta``, ``ffn_dim_multiplier`` and
+    ``rope_scaling_factor`` finite numbers above 0, ``use_scaled_rope`` a bool; a bad one is a
+    one-line :class:`~megashear.conversion.hf.ConversionError`. ``embedding_rows`` (of the
+    ``tok_embeddings`` tensor) is the vocabulary when ``vocab_size`` is -1 or absent; ``tied``:
+    the shards hold no ``output`` tensor."""
+    from megashear.conversion.hf import ConversionError, checked, positive_float, positive_int
+
+    for key in ("dim", "n_layers", "n_heads"):
+        if key not in p:
+            raise ConversionError(f"{where}: {key} is missing")
+        positive_int(p[key], key, where)
+    dim, heads = p["dim"], p["n_heads"]
+    groups = positive_int(p.get("n_kv_heads"), "n_kv_heads", where, heads)
+    if heads % groups:
+        raise ConversionError(f"{where}: n_heads={heads} is not a multiple of n_kv_heads={groups}")
+    vocab = p.get("vocab_size", -1)
+    if vocab is None or vocab == -1:  # Meta's "-1: from the tokenizer"
+        vocab = embedding_rows
+    multiplier = p.get("ffn_dim_multiplier")
+    if multiplier is not None:
+        multiplier = positive_float(multiplier, "ffn_dim_multiplier", where)
+    scaled = p.get("use_scaled_rope", False)
+    if not isinstance(scaled, bool):
+        raise ConversionError(f"{where}: use_scaled_rope must be true or false, got {scaled!r}")
+    rope = {}
+    if scaled:
+        # llama3 scaling with Meta's reference constants (low 1, high 4, original context 8192)
+        factor = positive_float(p.get("rope_scaling_factor"), "rope_scaling_factor", where, 8.0)
+        rope = {
+            "rope_scaling": "llama3",
+            "rope_scaling_factor": factor,
+            "rope_low_freq_factor": 1.0,
+            "rope_high_freq_factor": 4.0,
+            "rope_original_max_position_embeddings": 8192,
+        }
+    cfg = ModelConfig(
+        num_layers=p["n_layers"],
+        hidden_size=dim,
+        num_attention_heads=heads,
+        num_query_groups=groups,
+        ffn_hidden_size=ffn_size(
+            dim, positive_int(p.get("multiple_of"), "multiple_of", where, 256), multiplier
+        ),
+        vocab_size=positive_int(vocab, "vocab_size", where),
+        seq_length=positive_int(p.get("max_seq_len"), "max_seq_len", where, 4096),
+        rotary_base=positive_float(p.get("rope_theta"), "rope_theta", where, 10000.0),
+        norm_epsilon=positive_float(p.get("norm_eps"), "norm_eps", where, 1e-5),
+        tie_word_embeddings=tied,
+        **rope,
+    )
+    checked(cfg, where)
+    return cfg
 
 
 def read_meta(path: str) -> tuple[dict[str, torch.Tensor], ModelConfig]:

@@ -164,6 +164,8 @@ def runs(tmp_path_factory) -> dict:
              "load": str(root / f"{job}_dist")},
             {"name": f"{job}_plain_dp1", "job": job, "distopt": False,
              "save": str(root / f"{job}_dp1"), "save_at": SAVE_AT},
+            {"name": f"{job}_dist_to_dist_dp1", "job": job, "distopt": True,
+             "load": str(root / f"{job}_dist")},
         ]  # fmt: skip
         third += [
             {"name": f"{job}_plain_to_dist", "job": job, "distopt": True,
@@ -260,6 +262,15 @@ def test_checkpoint_moves_between_distributed_dp2_and_plain_dp1(runs, job):
     resumed = runs[f"{job}_plain_to_dist"]["history"]
     assert [e["iteration"] for e in resumed] == list(range(SAVE_AT + 1, STEPS + 1))
     _assert_histories_equal(resumed, uninterrupted[SAVE_AT:], keys=["loss", "grad_norm"])
+
+
+@pytest.mark.parametrize("job", ["train", "prune"])
+def test_distributed_optimizer_checkpoint_moves_from_dp2_to_dp1(runs, job):
+    resumed = runs[f"{job}_dist_to_dist_dp1"]["history"]
+    assert [e["iteration"] for e in resumed] == list(range(SAVE_AT + 1, STEPS + 1))
+    _assert_histories_equal(
+        resumed, runs[f"{job}_dist"]["history"][SAVE_AT:], ["loss", "grad_norm"]
+    )
 
 
 @pytest.mark.parametrize("job", ["train", "prune"])

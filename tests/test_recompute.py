@@ -3,7 +3,7 @@
 With selective (core attention) and full (uniform and block) recomputation, the losses and every
 gradient (the weights' ``main_grad`` and, when pruning, the log α's, Lagrangian included) equal
 the run without it to 1e-6, over two optimizer steps, training and pruning with all six mask
-kinds, at TP1, TP2 and PP2. The masks are sampled once per micro-batch before the forward and held as tensors, so
+kinds, at TP1, TP2 and PP2, and (TP1) distilling from a teacher. The masks are sampled once per micro-batch before the forward and held as tensors, so
 the recomputed forward reads the same ``z``; the control run shows the comparison would catch a
 recomputation that saw other noise than the first forward (the test fails then).
 
@@ -100,6 +100,19 @@ def run_job(job: dict) -> dict:
         pcfg = PruningConfig(kinds=ALL_KINDS, lagrangian_warmup_steps=1, lr_log_alpha=0.1)
         target = dataclasses.replace(cfg, **TARGET)
         trainer = PruningTrainer(cfg, target, pcfg, par, train, batches)
+    elif job["job"] in ("kd", "save_teacher"):
+        from megashear.config import DistillConfig
+        from megashear.training.trainer import Trainer
+
+        if job["job"] == "save_teacher":
+            from megashear.checkpoint.model_state import save_model_checkpoint
+
+            trainer = Trainer(cfg, ParallelConfig(), train, batches)
+            save_model_checkpoint(trainer.model, cfg, job["dir"])
+            return {}
+        student = dataclasses.replace(cfg, **TARGET, kv_channels=cfg.head_dim)
+        distill = DistillConfig(teacher=job["teacher"], alpha=0.5, temperature=2.0)
+        trainer = Trainer(student, par, train, batches, distill=distill)
     else:
         from megashear.training.trainer import Trainer
 
@@ -164,6 +177,12 @@ def runs(tmp_path_factory) -> dict:
     plan.append({"name": "prune_control", "job": "prune", "recompute": "full_uniform",
                  "control": True})  # fmt: skip
     root = tmp_path_factory.mktemp("recompute")
+    teacher = str(root / "teacher")
+    plan.append({"name": "teacher", "job": "save_teacher", "recompute": "none", "dir": teacher})
+    plan += [
+        {"name": f"kd_{rc}", "job": "kd", "recompute": rc, "teacher": teacher}
+        for rc in ("none", "full_uniform", "selective")
+    ]
     out = torchrun(1, plan, root, worker=Path(__file__), timeout=600)
     parallel = [
         {"name": f"{job}_{name}_{rc}", "job": job, "recompute": rc, **layout}
@@ -200,6 +219,13 @@ def test_recomputation_changes_no_loss_and_no_gradient(runs, job, recompute):
     assert len(got["grads"]) == STEPS
     if job == "prune":
         assert any(k.endswith("log_alpha") for k in got["grads"][0])
+    assert not _differences(got, want)
+
+
+@pytest.mark.parametrize("recompute", ["full_uniform", "selective"])
+def test_recomputation_changes_nothing_under_distillation(runs, recompute):
+    got, want = runs[f"kd_{recompute}"], runs["kd_none"]
+    assert got["checkpointed"] and not want["checkpointed"]
     assert not _differences(got, want)
 
 

@@ -47,6 +47,7 @@ def _hf(tmp_path: Path, **overrides) -> str:
         ({"num_key_value_heads": 3},
          "num_attention_heads=4 is not a multiple of num_key_value_heads=3"),
         ({"head_dim": 0}, "head_dim must be a positive integer, got 0"),
+        ({"pretraining_tp": 0}, "pretraining_tp must be a positive integer, got 0"),
         ({"max_position_embeddings": 0}, "max_position_embeddings must be a positive integer"),
         ({"rms_norm_eps": 0}, "rms_norm_eps must be a finite number above 0, got 0"),
         ({"rms_norm_eps": -1e-5}, "rms_norm_eps must be a finite number above 0, got -1e-05"),

@@ -169,6 +169,8 @@ def config_from_hf(path: str) -> ModelConfig:
     for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                 "vocab_size"):  # fmt: skip
         positive_int(c.get(key), key, cfg_path)
+    # transformers slices the projections into pretraining_tp parts: the same maths at any value
+    positive_int(c.get("pretraining_tp"), "pretraining_tp", cfg_path, 1)
     heads = c["num_attention_heads"]
     groups = positive_int(c.get("num_key_value_heads"), "num_key_value_heads", cfg_path, heads)
     if heads % groups:

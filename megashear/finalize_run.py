@@ -82,7 +82,9 @@ def finalize_checkpoint(
         plan = plan_finalization(source, masks, target)
     except ValueError as exc:
         raise CheckpointError(f"{reader.dir} cannot be finalised: {exc}") from None
-    write_plan(reader, plan, save, overwrite=overwrite, progress=progress)
+    record = {**reader.meta["pruning"], "checkpoint": os.path.abspath(str(reader.dir))}
+    write_plan(reader, plan, save, overwrite=overwrite, progress=progress,
+               extra_meta={"finalized_from": record})  # fmt: skip
     cfg = plan.config
     logger.info(
         "finalised %s (%d params) -> %s (%d params, kinds %s)",

@@ -120,6 +120,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--no-downstream", action="store_true", help="skip the lm-eval scores")
     p.add_argument("--downstream-limit", type=int, default=None, help="score the first N items")
+    p.add_argument("--task-items", type=int, default=20, help="held-out items per domain")
     p.add_argument("--keep-checkpoints", action="store_true")
     return p.parse_args(argv)
 
@@ -417,9 +418,9 @@ def main(argv: list[str] | None = None) -> int:
 
         task_dir = Path(args.downstream_task) if args.downstream_task else out / "task"
         if not args.downstream_task and not (out / "task").is_dir():
-            from megashear.evaluation.downstream_task import build_task
+            from megashear.evaluation.downstream_task import TaskSpec, build_task
 
-            build_task(args.corpus, out / "task")
+            build_task(args.corpus, out / "task", TaskSpec(items_per_domain=args.task_items))
 
         def downstream(stage: str, hf_dir: Path) -> dict:
             t = time.time()

@@ -53,13 +53,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-sequences", type=int, default=16)
     p.add_argument("--test-sequences", type=int, default=32)
     p.add_argument("--importance-samples", type=int, default=64)
-    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--steps", type=int, default=40)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--micro-batch", type=int, default=4)
     p.add_argument("--lr", type=float, default=3e-4)
-    p.add_argument("--updates", type=int, default=3)
+    p.add_argument("--updates", type=int, default=2)
     p.add_argument("--kd-alpha", type=float, default=1.0)
     p.add_argument("--task", default=None, help="lm-eval task dir (default: built in OUT/task)")
+    p.add_argument("--task-items", type=int, default=20, help="items per domain of a built task")
     return p.parse_args(argv)
 
 
@@ -96,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     if not names or set(names) - set(TARGETS):
         print(f"error: --targets {args.targets!r}: choose from {list(TARGETS)}", file=sys.stderr)
         return 2
-    from megashear.evaluation.downstream_task import build_task
+    from megashear.evaluation.downstream_task import TaskSpec, build_task
     from megashear.evaluation.lm_eval_score import score
     from megashear.model_config import ModelConfig
     from megashear.pruning.targets import make_target
@@ -123,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         "importance", ckpt / "source", manifest, args.importance_samples))  # fmt: skip
     task = Path(args.task) if args.task else out / "task"
     if not args.task and not task.is_dir():
-        build_task(args.corpus, task)
+        build_task(args.corpus, task, TaskSpec(items_per_domain=args.task_items))
     source_down = cached(out / "shared" / "source_downstream.json",
                          lambda: {**score(hf_src, task, threads=2),
                                   "text": generate(hf_src)})  # fmt: skip

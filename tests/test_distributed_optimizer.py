@@ -5,7 +5,10 @@
   log α, which has its own LR and no weight decay).
 - A checkpoint saved at DP2 with the distributed optimizer continues at DP1 with the plain one,
   and a DP1 plain checkpoint continues at DP2 with the distributed one, with the losses of the
-  uninterrupted run; resumed as it was saved, the run is bit-exact.
+  uninterrupted run; resumed as it was saved, the run is bit-exact. With bf16 weights (on CPU:
+  megatron's bf16 optimizer, whose own checkpoint save fails with fp32 parameters such as the CPU
+  norms' or log α, see ``_float16_sharded_state_dict``) checkpoints move between the two
+  optimizers too.
 
 This file is also the torchrun worker (``python -m torch.distributed.run ... THIS PLAN OUT``).
 """
@@ -54,6 +57,7 @@ def make_trainer(job: dict):
         lr=1e-3,
         lr_warmup_iters=1,
         weight_decay=0.1,
+        bf16=job.get("bf16", False),
     )
     ckpt = CheckpointConfig(save=job.get("save"), load=job.get("load"), keep_last=0)
     batches = SyntheticBatches(cfg.vocab_size, cfg.seq_length, 7)
@@ -173,6 +177,15 @@ def runs(tmp_path_factory) -> dict:
             {"name": f"{job}_dist_resumed", "job": job, "distopt": True,
              "load": str(root / f"{job}_dist")},
         ]  # fmt: skip
+    # bf16 weights: fp32 masters, and fp32 weights besides (the torch norms' on CPU)
+    for job in ("train",):
+        for kind in ("plain", "dist"):
+            first.append({"name": f"{job}_bf16_{kind}", "job": job, "bf16": True,
+                          "distopt": kind == "dist", "save": str(root / f"{job}_bf16_{kind}"),
+                          "save_at": SAVE_AT})  # fmt: skip
+            other = "plain" if kind == "dist" else "dist"
+            third.append({"name": f"{job}_bf16_{kind}_to_{other}", "job": job, "bf16": True,
+                          "distopt": other == "dist", "load": str(root / f"{job}_bf16_{kind}")})  # fmt: skip
     teacher = str(root / "teacher")
     first += [
         {"name": "teacher", "job": "save_teacher", "distopt": False, "dir": teacher},
@@ -262,6 +275,19 @@ def test_checkpoint_moves_between_distributed_dp2_and_plain_dp1(runs, job):
     resumed = runs[f"{job}_plain_to_dist"]["history"]
     assert [e["iteration"] for e in resumed] == list(range(SAVE_AT + 1, STEPS + 1))
     _assert_histories_equal(resumed, uninterrupted[SAVE_AT:], keys=["loss", "grad_norm"])
+
+
+@pytest.mark.parametrize("job", ["train"])
+def test_bf16_checkpoints_move_between_the_optimizers(runs, job):
+    """bf16 weights with some fp32 ones (megatron's torch norms on CPU; log α when pruning on
+    a GPU): the plain optimizer keeps fp32 masters of the 16-bit weights only, the distributed
+    one of every weight. (Pruning in bf16 does not run on CPU: a mask times a bf16 input.)"""
+    plain, dist = runs[f"{job}_bf16_plain"]["history"], runs[f"{job}_bf16_dist"]["history"]
+    _assert_histories_equal(dist, plain)
+    for kind, other, uninterrupted in (("plain", "dist", dist), ("dist", "plain", plain)):
+        resumed = runs[f"{job}_bf16_{kind}_to_{other}"]["history"]
+        assert [e["iteration"] for e in resumed] == list(range(SAVE_AT + 1, STEPS + 1))
+        _assert_histories_equal(resumed, uninterrupted[SAVE_AT:], ["loss", "grad_norm"])
 
 
 @pytest.mark.parametrize("job", ["train", "prune"])

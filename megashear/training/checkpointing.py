@@ -72,6 +72,73 @@ OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 DIST_MASTER, PLAIN_MASTER = "optimizer.state.param.", "optimizer.state.fp32_param."
 
 
+def _float16_sharded_state_dict(self, model_sharded_state_dict, is_loading=False, metadata=None):
+    """megatron-core's ``Float16OptimizerWithFloat16Params.sharded_state_dict`` for a model
+    that also has fp32 parameters (the pruning masks' log α in a bf16 run; on CPU the torch
+    norms' weights too).
+
+    megatron's maps optimizer state ids to the 16-bit parameters alone, as if every parameter
+    were 16-bit and came first in its group: with an fp32 parameter in a group its save raises
+    "Param id N does not match any model sharded param". Here the ids follow the inner
+    optimizer's own order (a 16-bit parameter stands for its fp32 master, an fp32 parameter for
+    itself), and the masters' ids are those at the masters' places in their groups; the keys
+    and the structure are megatron's.
+    """
+    from megatron.core.dist_checkpointing.optimizer import (
+        get_param_id_to_sharded_param_map,
+        make_sharded_optimizer_tensor,
+        optim_state_to_sharding_state,
+    )
+
+    if is_loading:
+        self.init_state_fn(self.optimizer, self.config)
+    state_dict = self.state_dict()
+    model_of = {
+        id(main): param
+        for params, mains in zip(self.float16_groups, self.fp32_from_float16_groups)
+        for param, main in zip(params, mains)
+    }
+    ordered = [model_of.get(id(p), p) for g in self.optimizer.param_groups for p in g["params"]]
+    id_to_sharded = get_param_id_to_sharded_param_map(model_sharded_state_dict, ordered)
+    converted = []
+    for group, state_group, mains in zip(
+        self.optimizer.param_groups,
+        state_dict["optimizer"]["param_groups"],
+        state_dict["fp32_from_fp16_params"],
+    ):
+        master_ids = [
+            pid for p, pid in zip(group["params"], state_group["params"]) if id(p) in model_of
+        ]
+        converted.append(
+            [
+                make_sharded_optimizer_tensor(id_to_sharded[pid], main, prefix=PLAIN_MASTER[:-1])
+                for pid, main in zip(master_ids, mains)
+            ]
+        )
+    state_dict["fp32_from_fp16_params"] = converted
+    step = self._extract_common_per_param_step(state_dict["optimizer"])
+    optim_state_to_sharding_state(state_dict["optimizer"], id_to_sharded, exclude_keys="step")
+    if step:
+        state_dict["optimizer"]["state"]["common_step"] = step
+    return state_dict
+
+
+def optimizer_sharded_state_dict(trainer, model_sd: dict, is_loading: bool = False) -> dict:
+    """The trainer's optimizer state as a sharded state dict (the distributed optimizer in its
+    ``fully_reshardable`` format; megatron's bf16 optimizer through
+    :func:`_float16_sharded_state_dict` when the model has fp32 parameters)."""
+    import types
+
+    from megatron.core.optimizer.optimizer import Float16OptimizerWithFloat16Params
+
+    for opt in getattr(trainer.optimizer, "chained_optimizers", [trainer.optimizer]):
+        if isinstance(opt, Float16OptimizerWithFloat16Params) and any(opt.fp32_from_fp32_groups):
+            opt.sharded_state_dict = types.MethodType(_float16_sharded_state_dict, opt)
+    return trainer.optimizer.sharded_state_dict(
+        model_sd, is_loading=is_loading, metadata=dict(OPTIMIZER_METADATA)
+    )
+
+
 def optimizer_kind(trainer) -> str:
     """``distributed`` or ``plain``: which megatron-core optimizer the trainer runs."""
     return "distributed" if trainer.par.use_distributed_optimizer else "plain"
@@ -81,9 +148,7 @@ def save_checkpoint(trainer, root: str, keep_last: int = 2, extra: dict | None =
     """Save the trainer's full state under ``root``; returns the final checkpoint directory."""
     model_sd = model_sharded_state_dict(trainer.model)
     state = dict(model_sd)
-    state["optimizer"] = trainer.optimizer.sharded_state_dict(
-        model_sd, metadata=dict(OPTIMIZER_METADATA)
-    )
+    state["optimizer"] = optimizer_sharded_state_dict(trainer, model_sd)
     state["scheduler"] = trainer.scheduler.state_dict()
     state["iteration"] = trainer.iteration
     state["data"] = trainer.batches.state_dict()
@@ -121,17 +186,17 @@ def _log_schedule_changes(scheduler, saved: dict, ckpt_dir: str) -> None:
         )
 
 
-def _cross_optimizer_request(trainer, model_sd: dict, fp32: bool) -> tuple[dict, dict, dict]:
+def _cross_optimizer_request(trainer, model_sd: dict, ckpt_dir: str) -> tuple[dict, dict, dict]:
     """The optimizer's load request for a checkpoint of the other optimizer kind:
     ``(sharded tensors, master weights to load apart, everything else)``.
 
     Both kinds store Adam's moments under the same model-space keys
-    (``optimizer.state.exp_avg.<param key>``); they differ in the master weights
-    (``optimizer.state.param.<key>`` distributed, ``optimizer.state.fp32_param.<key>`` plain
-    bf16, none plain fp32: an fp32 weight is its own master, so the distributed optimizer's
-    masters are read from the weights themselves, ``<key>``, in a load of their own) and in
-    their non-tensor state, which is taken from this optimizer itself (its groups, the sharding
-    type) and not from the checkpoint.
+    (``optimizer.state.exp_avg.<param key>``). They differ in the fp32 master weights: the
+    distributed optimizer stores one for every parameter (``optimizer.state.param.<key>``), the
+    plain one for its 16-bit parameters only (``optimizer.state.fp32_param.<key>``): an fp32
+    parameter is its own master, so those masters are read from the weights themselves
+    (``<key>``), in a load of their own. The non-tensor state is this optimizer's own (its
+    groups, the sharding type), not the checkpoint's.
     """
     from megatron.core.dist_checkpointing.dict_utils import (
         dict_list_map_inplace,
@@ -139,27 +204,27 @@ def _cross_optimizer_request(trainer, model_sd: dict, fp32: bool) -> tuple[dict,
     )
     from megatron.core.dist_checkpointing.mapping import LocalNonpersistentObject, ShardedBase
     from megatron.core.dist_checkpointing.utils import extract_sharded_base
+    from torch.distributed.checkpoint import FileSystemReader
 
-    request = trainer.optimizer.sharded_state_dict(
-        model_sd, is_loading=True, metadata=dict(OPTIMIZER_METADATA)
-    )
+    stored = set(FileSystemReader(ckpt_dir).read_metadata().state_dict_metadata)
+    request = optimizer_sharded_state_dict(trainer, model_sd, is_loading=True)
     sharded, rest = extract_sharded_base(request)
     # what dist_checkpointing.load would hand back as it is (the groups' parameter indices)
     dict_list_map_inplace(
         lambda v: v.unwrap() if isinstance(v, LocalNonpersistentObject) else v, rest
     )
-    masters: dict = {}
-    if fp32:
-        masters, sharded = extract_matching_values(
-            sharded, lambda v: isinstance(v, ShardedBase) and v.key.startswith(DIST_MASTER)
-        )
-        dict_list_map_inplace(
-            lambda v: dataclasses.replace(v, key=v.key[len(DIST_MASTER) :]), masters
-        )
+
+    def own_master(v) -> bool:  # a distributed master the plain optimizer did not store
+        if not isinstance(v, ShardedBase) or not v.key.startswith(DIST_MASTER):
+            return False
+        return PLAIN_MASTER + v.key[len(DIST_MASTER) :] not in stored
+
+    masters, sharded = extract_matching_values(sharded, own_master)
+    dict_list_map_inplace(lambda v: dataclasses.replace(v, key=v.key[len(DIST_MASTER) :]), masters)
 
     def to_saved_key(value):
         key = value.key
-        if key.startswith(DIST_MASTER):  # loading into the distributed bf16 optimizer
+        if key.startswith(DIST_MASTER):  # loading into the distributed optimizer
             return dataclasses.replace(value, key=PLAIN_MASTER + key[len(DIST_MASTER) :])
         if key.startswith(PLAIN_MASTER):  # loading into the plain bf16 optimizer
             return dataclasses.replace(value, key=DIST_MASTER + key[len(PLAIN_MASTER) :])
@@ -167,6 +232,23 @@ def _cross_optimizer_request(trainer, model_sd: dict, fp32: bool) -> tuple[dict,
 
     dict_list_map_inplace(to_saved_key, sharded)
     return sharded, masters, rest
+
+
+def _merge(rest, loaded):
+    """``rest`` (a request's non-tensor part) with the ``loaded`` tensors put back in place;
+    a list whose items were all tensors is empty in ``rest`` and whole in ``loaded``."""
+    if isinstance(rest, dict) and isinstance(loaded, dict):
+        out = dict(rest)
+        for key, value in loaded.items():
+            out[key] = _merge(rest[key], value) if key in rest else value
+        return out
+    if isinstance(rest, list) and isinstance(loaded, list):
+        if not rest or not loaded:
+            return list(rest or loaded)
+        if len(rest) != len(loaded):
+            raise CheckpointError(f"optimizer state of {len(loaded)} items where {len(rest)} go")
+        return [_merge(a, b) for a, b in zip(rest, loaded)]
+    return loaded
 
 
 def _set_step(state, step: int) -> None:
@@ -230,14 +312,11 @@ def load_checkpoint(trainer, path: str) -> None:
     saved_kind = meta.get("optimizer", "plain")  # checkpoints before this field: plain
     cross = full and saved_kind != optimizer_kind(trainer)
     if cross:
-        fp32 = trainer.dtype == torch.float32
         request["optimizer_tensors"], masters, optimizer_rest = _cross_optimizer_request(
-            trainer, model_sd, fp32
+            trainer, model_sd, ckpt_dir
         )
     elif full:
-        request["optimizer"] = trainer.optimizer.sharded_state_dict(
-            model_sd, is_loading=True, metadata=dict(OPTIMIZER_METADATA)
-        )
+        request["optimizer"] = optimizer_sharded_state_dict(trainer, model_sd, is_loading=True)
     if full:
         if same_layout:
             request["rng_state"] = _rng_sharded_object(is_loading=True)
@@ -250,17 +329,15 @@ def load_checkpoint(trainer, path: str) -> None:
             for g in trainer.optimizer.param_groups
         ]
         if cross:
-            from megatron.core.dist_checkpointing.dict_utils import merge
-
             logger.info(
                 "loading the %s optimizer's state of %s into the %s optimizer",
                 saved_kind,
                 ckpt_dir,
                 optimizer_kind(trainer),
             )
-            optimizer_state = merge(optimizer_rest, loaded["optimizer_tensors"])
+            optimizer_state = _merge(optimizer_rest, loaded["optimizer_tensors"])
             if masters:
-                optimizer_state = merge(
+                optimizer_state = _merge(
                     optimizer_state, dist_load({"masters": masters}, ckpt_dir)["masters"]
                 )
             _set_step(optimizer_state, int(loaded["iteration"]))

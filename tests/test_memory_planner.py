@@ -376,6 +376,23 @@ def test_bad_input_is_one_line(flags, message):
     assert "Traceback" not in proc.stderr
 
 
+def test_source_and_target_may_be_checkpoints(tmp_path):
+    """Only the checkpoints' megashear.json is read: the plan equals the presets' plan."""
+    from megashear.checkpoint.format import model_meta, write_meta
+    from megashear.jobs.plan import run
+    from megashear.planning import PlanConfig
+    from megashear.pruning.targets import make_target
+
+    source = get_preset("llama2-7b")
+    target = make_target(source, "sheared-llama-1.3b")
+    for name, cfg in (("source", source), ("target", target)):
+        (tmp_path / name).mkdir()
+        write_meta(str(tmp_path / name), model_meta(cfg, {"tp": 1, "pp": 1}, 0, ["model"]))
+    by_dir = run(PlanConfig(source=str(tmp_path / "source"), target=str(tmp_path / "target")))
+    by_name = run(PlanConfig(source="llama2-7b", target="sheared-llama-1.3b"))
+    assert by_dir["layouts"] == by_name["layouts"] and by_dir["target"] == by_name["target"]
+
+
 def test_plan_prints_one_json_line():
     import json
 

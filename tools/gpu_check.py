@@ -177,10 +177,13 @@ def main(argv: list[str] | None = None) -> int:
     fresh_memory()
     pcfg = PruningConfig(kinds=KINDS, lagrangian_warmup_steps=2)
     trainer = PruningTrainer(source, target, pcfg, par, train, batches)
-    seconds, stats = timed_steps(trainer, warmup=2, steps=args.steps)
     work = mem.Workload(model=source, job="prune", kinds=KINDS, backend=backend, **common)
-    results.append(report("prune", work, seconds, train_flops_per_token(source, seq),
-                          loss=stats["loss"]))  # fmt: skip
+    try:
+        seconds, stats = timed_steps(trainer, warmup=2, steps=args.steps)
+        results.append(report("prune", work, seconds, train_flops_per_token(source, seq),
+                              loss=stats["loss"]))  # fmt: skip
+    except RuntimeError as exc:  # reported; finalisation still runs on the untrained masks
+        print(json.dumps({"phase": "prune", "error": " ".join(str(exc).split())[:300]}))
     pruned_dir = os.path.join(workdir, "pruned")
     save_model_checkpoint(
         trainer.model, source, pruned_dir, trainer.iteration, extra_meta=trainer.extra_meta()

@@ -241,7 +241,7 @@ def masked_rms_norm(
         return torch.nn.functional.rms_norm(x, (h,), weight, eps)
     keep = (z_hidden != 0).to(x.dtype)  # [h]
     frac = keep.sum().clamp(min=1) / h  # k / h
-    scale = weight * z_hidden * frac.sqrt()  # [h]
+    scale = (weight * z_hidden * frac.sqrt()).to(x.dtype)  # [h]; fp32 masks, bf16 weights
     return torch.nn.functional.rms_norm(x * keep, (h,), scale, eps * float(frac))
 
 
@@ -312,11 +312,12 @@ def _masked_row_parallel_class() -> type:
                 s, b, width = input_.shape
                 if self.input_mask_kind == "head":
                     # [s, b, np*hn] -> [s, b, np, hn] * z[np] -> [s, b, np*hn]
+                    z_in = z_in.to(input_.dtype)  # fp32 masks into a bf16 GEMM
                     input_ = (input_.view(s, b, -1, self.head_dim) * z_in[:, None]).view(
                         s, b, width
                     )
                 else:
-                    input_ = input_ * z_in  # [s, b, f/tp] * [f/tp]
+                    input_ = input_ * z_in.to(input_.dtype)  # [s, b, f/tp] * [f/tp]
             output, bias = super().forward(input_)
             scale = None
             for kind, idx in ((self.output_gate_kind, layer), ("layer", layer), ("hidden", None)):
@@ -324,7 +325,7 @@ def _masked_row_parallel_class() -> type:
                 if v is not None:
                     scale = v if scale is None else scale * v
             if scale is not None:
-                output = output * scale  # [s, b, h] * ([h] or scalar)
+                output = output * scale.to(output.dtype)  # [s, b, h] * ([h] or scalar)
             return output, bias
 
     _Masked.__name__ = _Masked.__qualname__ = "MaskedRowParallelLinear"
@@ -387,6 +388,6 @@ def attach_mask_bank(chunk: nn.Module, bank: MaskBank) -> None:
 
         def scale_embedding(module, args, output):
             z = bank.value("hidden")
-            return output if z is None else output * z  # [s, b, h] * [h]
+            return output if z is None else output * z.to(output.dtype)  # [s, b, h] * [h]
 
         chunk.embedding.register_forward_hook(scale_embedding)

@@ -19,6 +19,7 @@ import torch
 
 from tests.launch import megashear_cli
 from tests.test_conversion_hf import convert, make_hf
+from tests.test_masked_model import GQA_TARGET  # tiny-gqa-8h -> 2 x 48, 4 heads in 2 groups
 
 ROOT = Path(__file__).resolve().parents[1]
 SEQ, SAMPLES, SEED = 16, 8, 3
@@ -333,16 +334,6 @@ def test_pinned_channels_are_kept_at_one():
     assert mask[1] == 1.0 and mask[0] == hc.soft_mask(la)[0]
 
 
-GQA_PRESET_TARGET = {
-    "num_layers": 2,
-    "hidden_size": 48,
-    "num_attention_heads": 4,
-    "num_query_groups": 2,
-    "ffn_hidden_size": 96,
-    "kv_channels": 8,
-}
-
-
 @pytest.fixture(scope="module")
 def importance_init_runs(tmp_path_factory):
     """Pruning from importance log α with two pinned hidden channels, at TP1PP1 and TP2PP2:
@@ -354,7 +345,7 @@ def importance_init_runs(tmp_path_factory):
     from tests.launch import prune_torchrun
 
     src = get_preset("tiny-gqa-8h")
-    target = dataclasses.replace(src, **GQA_PRESET_TARGET)
+    target = dataclasses.replace(src, **GQA_TARGET)
     scores = random_scores(src, 11)
     scores["hidden"][[5, 40]] = 50.0  # two "massive" channels
     kinds = ["hidden", "head", "intermediate", "layer"]
@@ -362,7 +353,7 @@ def importance_init_runs(tmp_path_factory):
     pinned = pinned_hidden(scores, target, factor=10.0)
     common = {
         "model": "tiny-gqa-8h",
-        "target": GQA_PRESET_TARGET,
+        "target": GQA_TARGET,
         "kinds": kinds,
         "init_log_alpha": init,
         "pinned_hidden": pinned,

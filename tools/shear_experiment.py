@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import statistics
 import sys
@@ -51,7 +50,15 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from shear_stages import SMOLLM2_EOS, ShearStages, load_fetcher, manifest_with_weights  # noqa: E402
+from shear_stages import (  # noqa: E402
+    SMOLLM2_EOS,
+    ShearStages,
+    cached,
+    load_fetcher,
+    manifest_with_weights,
+    write_json_atomic,
+    write_text_atomic,
+)
 from stage_runner import StageRunner  # noqa: E402
 
 from megashear.paths import corpus_dir  # noqa: E402
@@ -322,22 +329,6 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_json_atomic(path: Path, value) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(value, indent=1))
-    os.replace(tmp, path)
-
-
-def cached(path: Path, make):
-    """The JSON at ``path``, or ``make()`` written there first."""
-    if path.is_file():
-        return json.loads(path.read_text())
-    value = make()
-    write_json_atomic(path, value)
-    return value
-
-
 def fail(message: str) -> int:
     print(f"error: {message}", file=sys.stderr)
     return 2
@@ -568,9 +559,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     write_plots(results, out / "plots")
     write_json_atomic(out / "results.json", results)
-    tmp = out / ".results.md.tmp"
-    tmp.write_text(markdown(results))
-    os.replace(tmp, out / "results.md")
+    write_text_atomic(out / "results.md", markdown(results))
     print()
     print(markdown(results))
     print(f"total {results['seconds']:.0f} s; {out / 'results.md'}, {out / 'plots'}")

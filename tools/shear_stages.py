@@ -19,6 +19,8 @@ every run of a pipeline reads the same data and is evaluated on the same windows
 
 from __future__ import annotations
 
+import json
+import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -51,6 +53,27 @@ def load_fetcher():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary name and a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_json_atomic(path: Path, value) -> None:
+    write_text_atomic(path, json.dumps(value, indent=1))
+
+
+def cached(path: Path, make):
+    """The JSON at ``path``, or ``make()``'s value, written there first (a stage done once)."""
+    if path.is_file():
+        return json.loads(path.read_text())
+    value = make()
+    write_json_atomic(path, value)
+    return value
 
 
 def manifest_with_weights(manifest: Path, run_dir: Path, out: Path) -> Path:

@@ -16,15 +16,13 @@ in ``OUT/results/TARGET.json`` and skipped when the tool runs again. Writes ``OU
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from shear_stages import SMOLLM2_EOS, ShearStages, load_fetcher  # noqa: E402
+from shear_stages import SMOLLM2_EOS, ShearStages, cached, load_fetcher, write_text_atomic  # noqa: E402
 from stage_runner import StageRunner  # noqa: E402
 
 from megashear.paths import corpus_dir  # noqa: E402
@@ -62,21 +60,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--task", default=None, help="lm-eval task dir (default: built in OUT/task)")
     p.add_argument("--task-items", type=int, default=20, help="items per domain of a built task")
     return p.parse_args(argv)
-
-
-def write_json(path: Path, value) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(value, indent=1))
-    os.replace(tmp, path)
-
-
-def cached(path: Path, make):
-    if path.is_file():
-        return json.loads(path.read_text())
-    value = make()
-    write_json(path, value)
-    return value
 
 
 def generate(hf_dir: Path, new_tokens: int = 24) -> str:
@@ -179,9 +162,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['text']!r} |"
         )
     text = "\n".join(lines) + "\n"
-    tmp = out / ".results.md.tmp"
-    tmp.write_text(text)
-    os.replace(tmp, out / "results.md")
+    write_text_atomic(out / "results.md", text)
     print(text)
     return 0
 

@@ -2,7 +2,7 @@
 """Build a held-out lm-eval task from the corpus, or score a Hugging Face model on it (offline).
 
     python tools/downstream_eval.py build --corpus ../shared/corpus --out runs/heldout_task \\
-        [--items-per-domain 35] [--context-chars 320] [--min-continuation-chars 60] \\
+        [--items-per-domain 30] [--context-chars 256] [--min-continuation-chars 60] \\
         [--max-continuation-chars 100] [--seed 1234] [--min-skip-bytes 4000000] \\
         [--tail-bytes N] [--name megashear_heldout] [--overwrite]
     python tools/downstream_eval.py score --model HF_DIR --task runs/heldout_task \\

@@ -67,6 +67,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prune-lr", type=float, default=1e-4, help="model weights while pruning")
     p.add_argument("--prune-updates", type=int, default=2, help="domain-weight updates")
     p.add_argument("--pin-hidden", type=float, default=5.0, help="pruning.pin_hidden")
+    p.add_argument("--mask-lr", type=float, default=0.1, help="log alpha and lambda LR")
     p.add_argument("--continue-steps", type=int, default=60)
     p.add_argument("--continue-batch", type=int, default=8, help="global batch (sequences)")
     p.add_argument("--continue-micro-batch", type=int, default=4)
@@ -121,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
             args.prune_micro_batch,
             args.prune_lr,
             args.prune_updates,
+            lr_masks=args.mask_lr,
             extra=("--pruning.init=importance", f"--pruning.pin_hidden={args.pin_hidden}"),
         )
         losses["pruned (masked)"] = stages.evaluate("prune-eval", ckpt / "prune", manifest)

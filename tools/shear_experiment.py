@@ -13,7 +13,8 @@ FFN 1024), each for ``P + C`` steps of training tokens:
   loading) for ``P`` steps, finalisation, ``C`` steps of continued pre-training with dynamic
   batch loading from the final pruning weights (the paper's method);
 - ``sheared-importance``: the same with the masks initialised from activation importance
-  (``pruning.init=importance``, and ``pruning.pin_hidden`` at ``--pin-hidden``);
+  (``pruning.init=importance``, ``pruning.pin_hidden`` at ``--pin-hidden``, log α and λ at
+  ``--importance-mask-lr``, 0.1: the masks start at the target and are refined);
 - ``importance-oneshot``: the Minitron importance cut (``megashear one-shot``), then ``P + C``
   steps of continued pre-training with dynamic batch loading;
 - ``leading-oneshot``: the leading units cut (a floor that uses no information), likewise;
@@ -119,6 +120,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=float,
         default=5.0,
         help="importance-initialised arms: pruning.pin_hidden (SmolLM2: 6 channels at 5)",
+    )
+    p.add_argument(
+        "--importance-mask-lr",
+        type=float,
+        default=0.1,
+        help="importance-initialised arms: log alpha and lambda LR (paper init: 1.0)",
     )
     p.add_argument(
         "--downstream-task",
@@ -438,10 +445,12 @@ def main(argv: list[str] | None = None) -> int:
             extra = [*seed_flags(seed), f"--pruning.seed={seed}", f"--pruning.init={init}"]
             if pin > 0:
                 extra.append(f"--pruning.pin_hidden={pin}")
+            lr_masks = args.importance_mask_lr if init == "importance" else 1.0
             run_dir = out / "runs" / name
             stages.prune(name, ckpt / "source", manifest, target_values, ckpt / name, run_dir, P,
                          lr=args.prune_lr, updates=args.prune_updates, rule=rule,
-                         pp=args.prune_pp, extra=tuple(extra), **common)  # fmt: skip
+                         pp=args.prune_pp, lr_masks=lr_masks, extra=tuple(extra),
+                         **common)  # fmt: skip
             stages.finalize(f"{name}-finalize", ckpt / name, ckpt / f"{name}-final")
             if not args.keep_checkpoints:
                 shutil.rmtree(ckpt / name, ignore_errors=True)

@@ -54,7 +54,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--corpus", default=str(corpus_dir()), help="default: $MEGASHEAR_CORPUS or ../shared/corpus"
     )
     p.add_argument("--cache-dir", default=None, help="model cache (default: fetch_smollm2's)")
-    p.add_argument("--target", default="113m", choices=sorted(TARGETS), help="the target shape")
+    p.add_argument(
+        "--target",
+        default="92m",
+        choices=sorted(TARGETS),
+        help="the target shape (92m: the smallest that kept half of the source's downstream "
+        "accuracy above chance in tools/target_sizes.py)",
+    )
     p.add_argument("--bytes-per-domain", type=int, default=500_000, help="text read per domain")
     p.add_argument("--seq-length", type=int, default=128)
     p.add_argument("--eval-sequences", type=int, default=16, help="validation windows per domain")
@@ -68,11 +74,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prune-updates", type=int, default=2, help="domain-weight updates")
     p.add_argument("--pin-hidden", type=float, default=5.0, help="pruning.pin_hidden")
     p.add_argument("--mask-lr", type=float, default=0.1, help="log alpha and lambda LR")
-    p.add_argument("--continue-steps", type=int, default=60)
+    p.add_argument("--continue-steps", type=int, default=40)
     p.add_argument("--continue-batch", type=int, default=8, help="global batch (sequences)")
     p.add_argument("--continue-micro-batch", type=int, default=4)
     p.add_argument("--continue-lr", type=float, default=3e-4)
-    p.add_argument("--continue-updates", type=int, default=3, help="domain-weight updates")
+    p.add_argument("--continue-updates", type=int, default=2, help="domain-weight updates")
     p.add_argument("--continue-tp", type=int, default=1, choices=(1, 2))
     p.add_argument("--kd-alpha", type=float, default=1.0, help="KD weight (0: the LM loss alone)")
     p.add_argument("--no-downstream", action="store_true", help="skip the lm-eval scores")

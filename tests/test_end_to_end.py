@@ -1,6 +1,6 @@
 """``make demo`` at micro scale on the real SmolLM2-135M: convert + tokenise with its own tokenizer
 -> source reference losses -> importance -> learned masks from importance (PP2, pinned channels,
-dynamic batch loading) -> finalize -> KD continuation (TP2) -> HF export that transformers loads
+dynamic batch loading) -> finalize -> KD continuation -> HF export that transformers loads
 alone -> lm-eval on the held-out task -> summary table."""
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def test_demo_pipeline_micro(tmp_path, smollm2_hf):
         "--prune-steps", "2", "--prune-batch", "2", "--prune-micro-batch", "1",
         "--prune-updates", "1",
         "--continue-steps", "2", "--continue-batch", "2", "--continue-micro-batch", "1",
-        "--continue-updates", "1", "--continue-tp", "2",
+        "--continue-updates", "1",
         "--downstream-limit", "6",
         "--new-tokens", "4",
     ]  # fmt: skip
@@ -63,14 +63,14 @@ def test_demo_pipeline_micro(tmp_path, smollm2_hf):
     meta = json.loads(next((out / "ckpt" / "cut").glob("iter_*/megashear.json")).read_text())
     assert meta["model"]["num_layers"] == 16 and meta["model"]["tie_word_embeddings"] is True
     assert (out / "hf" / "tokenizer.json").is_file()
-    # pruning ran at PP2 from the importance scores, continued pre-training at TP2 with KD
+    # pruning ran at PP2 from the importance scores, continued pre-training with KD
     prune_meta = json.loads(
         next((out / "ckpt" / "prune").glob("iter_*/megashear.json")).read_text()
     )
     cont_meta = json.loads(
         next((out / "ckpt" / "continue").glob("iter_*/megashear.json")).read_text()
     )
-    assert prune_meta["layout"]["pp"] == 2 and cont_meta["layout"]["tp"] == 2
+    assert prune_meta["layout"]["pp"] == 2
     assert prune_meta["pruning"]["init"] == "importance"
     assert cont_meta["distill"]["teacher"] == str(out / "ckpt" / "source")
     assert (out / "ckpt" / "source" / "importance.pt").is_file()

@@ -90,6 +90,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    groups = TARGETS[args.target]["num_query_groups"]
+    if args.continue_tp > 1 and (args.kd_alpha > 0 or groups % args.continue_tp):
+        # the teacher runs at the student's layout: SmolLM2's 3 KV groups do not split over TP2
+        print(f"error: --continue-tp {args.continue_tp} needs --kd-alpha 0 and a target whose "
+              f"KV groups it divides (SmolLM2 has 3; --target {args.target} has {groups})",
+              file=sys.stderr)  # fmt: skip
+        return 2
     t_start = time.time()
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)

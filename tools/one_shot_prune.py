@@ -14,6 +14,7 @@ runs ``megashear one-shot --checkpoint.load=CKPT --checkpoint.save=OUT
 
 from __future__ import annotations
 
+import os
 import sys
 
 from megashear.pruning.targets import TARGET_FIELDS
@@ -56,6 +57,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         args = translate(sys.argv[1:] if argv is None else argv)
+        load = next((a.split("=", 1)[1] for a in args if a.startswith("--checkpoint.load=")), None)
+        if load is not None and not os.path.exists(load):
+            raise ValueError(f"--load {load} does not exist")
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -462,3 +462,27 @@ def test_bad_input_is_one_line_and_writes_nothing(work):
                          "--pruning.init=importance", f"--importance.path={out}",
                          f"--logging.dir={tmp / 'bad_log'}", *target)  # fmt: skip
     one_line_error(proc, "do not exist (run megashear importance)")
+
+
+def test_importance_pruning_resumes_from_its_checkpoint(work):
+    """The same command line starts from the importance scores and, relaunched, resumes from its
+    own checkpoint: the pinned channels and the init come from the checkpoint's record."""
+    tmp = work["tmp"]
+    scores = tmp / "resume_scores.pt"
+    run_importance(work["gqa"], work["tokens"], scores)
+    save = tmp / "resume_prune"
+    flags = [f"--pruning.target_{k}={v}" for k, v in TARGET.items()]
+    cmd = ["prune", f"--checkpoint.init={work['gqa']}", f"--checkpoint.save={save}",
+           f"--data.token_file={work['tokens']}", f"--model.seq_length={SEQ}",
+           "--pruning.init=importance", "--pruning.pin_hidden=1.2",
+           f"--importance.path={scores}", f"--logging.dir={tmp / 'resume_log'}",
+           "--train.global_batch_size=4", *flags]  # fmt: skip
+    first = megashear_cli(*cmd, "--train.train_iters=2")
+    assert first.returncode == 0, first.stderr[-2000:]
+    scores.unlink()  # the relaunch must not need the scores any more
+    again = megashear_cli(*cmd, "--train.train_iters=3")
+    assert again.returncode == 0, again.stderr[-2000:]
+    meta = json.loads((save / "iter_0000003" / "megashear.json").read_text())
+    assert meta["pruning"]["init"] == "importance" and meta["pruning"]["pinned_hidden"]
+    first_meta = json.loads((save / "iter_0000002" / "megashear.json").read_text())
+    assert meta["pruning"]["pinned_hidden"] == first_meta["pruning"]["pinned_hidden"]

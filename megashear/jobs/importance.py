@@ -84,7 +84,7 @@ def run(cfg: RunConfig) -> dict:
 def pruning_start(cfg: RunConfig, target) -> tuple[dict | None, list[int]]:
     """The initial log α of ``pruning.init`` (None: the paper's N(mean, 0.01)) and the pinned
     hidden channels of ``pruning.pin_hidden``, from the scores at ``importance.path``."""
-    from megashear.checkpoint.format import fingerprint
+    from megashear.checkpoint.format import fingerprint, read_meta, resolve
     from megashear.pruning.importance import importance_log_alpha, load_scores, pinned_hidden
     from megashear.pruning.targets import target_sparsities
 
@@ -96,12 +96,13 @@ def pruning_start(cfg: RunConfig, target) -> tuple[dict | None, list[int]]:
     source = cfg.checkpoint.load or cfg.checkpoint.init
     if not source:
         raise UsageError("pruning.init=importance and pruning.pin_hidden need a source checkpoint")
+    meta = read_meta(resolve(source))
+    if "pruning" in meta:
+        # resuming a pruning run: log α come from its checkpoint, the pinned channels from its
+        # record (the scores were read when it started)
+        return None, list(meta["pruning"].get("pinned_hidden", []))
     path = scores_path(cfg)
-    # a resumed run's checkpoint.load is the pruning run itself: its scores were checked at start
-    resumed = bool(cfg.checkpoint.save) and os.path.realpath(source) == os.path.realpath(
-        cfg.checkpoint.save
-    )
-    record = load_scores(path, cfg.model, None if resumed else fingerprint(source))
+    record = load_scores(path, cfg.model, fingerprint(source))
     scores = record["scores"]
     kinds = tuple(k for k, t in target_sparsities(cfg.model, target, p.kinds).items() if t > 0)
     init = None

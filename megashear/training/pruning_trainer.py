@@ -89,12 +89,15 @@ class PruningTrainer(Trainer):
         dropped = sorted(set(targets) - set(self.targets))
         if dropped:
             logger.info("not pruning %s: the target keeps those dimensions whole", dropped)
-        if init_log_alpha is not None and set(init_log_alpha) < set(self.kinds):
+        if init_log_alpha is not None and not set(self.kinds) <= set(init_log_alpha):
             missing = sorted(set(self.kinds) - set(init_log_alpha))
             raise ValueError(f"initial log alpha lacks the pruned kinds {missing}")
         self.init_log_alpha = init_log_alpha
         self.pinned_hidden = sorted(pinned_hidden) if "hidden" in self.kinds else []
-        warmup = pruning_cfg.lagrangian_warmup_steps if init_log_alpha is None else 0
+        # masks that start at the target hold it from step 0 (a resumed run too)
+        at_target = init_log_alpha is not None or pruning_cfg.init == "importance"
+        self.init_kind = "importance" if at_target else "paper"
+        warmup = 0 if at_target else pruning_cfg.lagrangian_warmup_steps
         self.lagrangian = Lagrangian(self.targets, warmup)
         self.lambda_optimizer = self.lagrangian.make_optimizer(lr=pruning_cfg.lr_lambda)
         super().__init__(
@@ -218,7 +221,7 @@ class PruningTrainer(Trainer):
             "pruning": {
                 "kinds": list(self.kinds),
                 "target": self.target_cfg.to_dict(),
-                "init": "paper" if self.init_log_alpha is None else "importance",
+                "init": self.init_kind,
                 "pinned_hidden": self.pinned_hidden,
             },
         }

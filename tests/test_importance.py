@@ -462,6 +462,11 @@ def test_bad_input_is_one_line_and_writes_nothing(work):
                          "--pruning.init=importance", f"--importance.path={out}",
                          f"--logging.dir={tmp / 'bad_log'}", *target)  # fmt: skip
     one_line_error(proc, "do not exist (run megashear importance)")
+    # a negative pinning factor
+    proc = megashear_cli("prune", f"--checkpoint.load={work['gqa']}", "--data.synthetic=true",
+                         "--pruning.pin_hidden=-1", f"--logging.dir={tmp / 'bad_log'}",
+                         *target)  # fmt: skip
+    one_line_error(proc, "config key 'pruning.pin_hidden': must be 0 or more, got -1.0")
 
 
 def test_importance_pruning_resumes_from_its_checkpoint(work):

@@ -89,10 +89,10 @@ def pruning_start(cfg: RunConfig, target) -> tuple[dict | None, list[int]]:
     from megashear.pruning.targets import target_sparsities
 
     p = cfg.pruning
-    if p.init != "importance" and p.pin_hidden <= 0:
-        return None, []
-    if p.pin_hidden < 0:
+    if not p.pin_hidden >= 0:  # NaN too
         raise UsageError(f"config key 'pruning.pin_hidden': must be 0 or more, got {p.pin_hidden}")
+    if p.init != "importance" and p.pin_hidden == 0:
+        return None, []
     source = cfg.checkpoint.load or cfg.checkpoint.init
     if not source:
         raise UsageError("pruning.init=importance and pruning.pin_hidden need a source checkpoint")

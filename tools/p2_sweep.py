@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import statistics
 import sys
@@ -33,7 +32,13 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from shear_stages import SMOLLM2_EOS, ShearStages, load_fetcher, manifest_with_weights  # noqa: E402
+from shear_stages import (  # noqa: E402
+    SMOLLM2_EOS,
+    ShearStages,
+    load_fetcher,
+    manifest_with_weights,
+    write_text_atomic,
+)
 from stage_runner import StageRunner  # noqa: E402
 
 from megashear.paths import corpus_dir  # noqa: E402
@@ -183,12 +188,6 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     rates = args.rate_list
@@ -233,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
             "manifest": str(manifest),
             "reference": reference,
         }
-        write_atomic(source_file, json.dumps(source, indent=1))
+        write_text_atomic(source_file, json.dumps(source, indent=1))
     manifest = Path(source["manifest"])
 
     from megashear.jobs.fit_p2 import run_points
@@ -304,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
             "curve": curve,
             "seconds": time.time() - t,
         }
-        write_atomic(cache, json.dumps(result, indent=1))
+        write_text_atomic(cache, json.dumps(result, indent=1))
         print(f"[p2-sweep] rate {rate}: done in {result['seconds']:.0f} s", flush=True)
         return result
 
@@ -343,8 +342,8 @@ def main(argv: list[str] | None = None) -> int:
         title="P² sweep",
     )
     results["seconds"] = time.time() - t_start
-    write_atomic(out / "p2_sweep.json", json.dumps(results, indent=1))
-    write_atomic(out / "p2_sweep.md", markdown(results))
+    write_text_atomic(out / "p2_sweep.json", json.dumps(results, indent=1))
+    write_text_atomic(out / "p2_sweep.md", markdown(results))
     print()
     print(markdown(results))
     print(f"total {results['seconds']:.0f} s; {out / 'p2_sweep.md'}, {out / 'p2_sweep.png'}")

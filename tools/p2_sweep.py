@@ -8,8 +8,10 @@ how well it predicts the held-out rate's curve and the second halves.
 
 Per rate ρ (the fraction of parameters removed): a target shape with ``(1 − ρ)·N0`` parameters
 (every dimension scaled by one factor: layers, hidden size, query groups with the source's
-heads per group, FFN; :func:`target_for_rate`), ``megashear prune`` toward it for ``P`` steps,
-``megashear finalize``, then ``C`` steps of ``megashear train`` whose dynamic-batch-loading
+heads per group, FFN; :func:`target_for_rate`), cut from the source by activation importance
+(``megashear importance`` once, then ``megashear one-shot --method=importance``; the P² paper
+prunes one-shot too) or, with ``--prune=learned``, ``megashear prune`` toward it for ``P`` steps
+and ``megashear finalize``; then ``C`` steps of ``megashear train`` whose dynamic-batch-loading
 updates evaluate the validation loss ``--evals`` times (the curve: the unweighted mean over the
 domains at ``step x batch x seq`` tokens, read by ``megashear fit-p2``'s run reader). L0 is the
 source's mean validation loss. A finished rate is cached in ``OUT/rates/rho_XX.json`` and
@@ -60,6 +62,8 @@ RUN_SETTINGS = (
     "evals",
     "rule",
     "prune_pp",
+    "prune",
+    "importance_samples",
 )
 
 
@@ -85,6 +89,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--evals", type=int, default=8, help="validation points per curve")
     p.add_argument("--rule", default="paper", choices=("paper", "constant"))
     p.add_argument("--prune-pp", type=int, default=2, choices=(1, 2))
+    p.add_argument(
+        "--prune",
+        default="importance",
+        choices=("importance", "learned"),
+        help="importance: the one-shot activation-importance cut (no pruning steps; the P² "
+        "paper prunes one-shot too); learned: --prune-steps of learned masks (paper init)",
+    )
+    p.add_argument("--importance-samples", type=int, default=64, help="calibration windows")
     args = p.parse_args(argv)
     args.rate_list = [float(r) for r in args.rates.split(",") if r.strip()]
     return args
@@ -234,6 +246,8 @@ def main(argv: list[str] | None = None) -> int:
         }
         write_text_atomic(source_file, json.dumps(source, indent=1))
     manifest = Path(source["manifest"])
+    if args.prune == "importance" and not (ckpt / "source" / "importance.pt").is_file():
+        stages.importance("importance", ckpt / "source", manifest, args.importance_samples)
 
     from megashear.jobs.fit_p2 import run_points
     from megashear.model_config import ModelConfig
@@ -256,27 +270,32 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(stale, ignore_errors=True)
         t = time.time()
         target = target_for_rate(source_cfg, rate, args.prune_pp)
-        stages.prune(
-            f"{stage}-prune",
-            ckpt / "source",
-            manifest,
-            target,
-            ckpt / f"{stage}-prune",
-            out / stage / "prune",
-            P,
-            lr=args.prune_lr,
-            updates=args.prune_updates,
-            rule=args.rule,
-            pp=args.prune_pp,
-            **common,
-        )
-        final = stages.finalize(
-            f"{stage}-finalize", ckpt / f"{stage}-prune", ckpt / f"{stage}-final"
-        )
+        if args.prune == "importance":
+            final = stages.one_shot(
+                f"{stage}-cut", ckpt / "source", target, ckpt / f"{stage}-final", "importance"
+            )
+        else:
+            stages.prune(
+                f"{stage}-prune",
+                ckpt / "source",
+                manifest,
+                target,
+                ckpt / f"{stage}-prune",
+                out / stage / "prune",
+                P,
+                lr=args.prune_lr,
+                updates=args.prune_updates,
+                rule=args.rule,
+                pp=args.prune_pp,
+                **common,
+            )
+            final = stages.finalize(
+                f"{stage}-finalize", ckpt / f"{stage}-prune", ckpt / f"{stage}-final"
+            )
         after_cut = stages.evaluate(f"{stage}-cut", ckpt / f"{stage}-final", manifest)
         start = (
             manifest_with_weights(manifest, out / stage / "prune", out / stage / "manifest.yaml")
-            if args.rule != "constant"
+            if args.rule != "constant" and args.prune == "learned"
             else manifest
         )
         stages.train(

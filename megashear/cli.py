@@ -377,8 +377,7 @@ def cmd_finalize(cfg: RunConfig) -> None:
 
     if not cfg.checkpoint.load or not cfg.checkpoint.save:
         raise UsageError("finalize needs checkpoint.load (pruning run) and checkpoint.save")
-    # this process only streams tensors: keep freed pages, one malloc arena for its threads
-    platform.keep_freed_host_memory(single_arena=True)
+    platform.install("streaming")  # keep freed pages, one malloc arena for its threads
     out = finalize_checkpoint(cfg.checkpoint.load, cfg.checkpoint.save)
     if _is_rank0():
         print(

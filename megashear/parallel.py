@@ -43,7 +43,7 @@ def init_distributed(timeout_minutes: float = 10.0) -> tuple[int, int]:
             MASTER_ADDR="127.0.0.1",
             MASTER_PORT=str(_free_port()),
         )
-    platform.install_cpu_support()
+    platform.install("compute")
     if platform.cuda_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(
@@ -71,7 +71,7 @@ def init_model_parallel(cfg: ModelConfig, par: ParallelConfig, seed: int = 1234)
         pipeline_model_parallel_size=par.pp,
         virtual_pipeline_model_parallel_size=par.vpp,
     )
-    platform.install_cpu_support()
+    platform.install("compute")
     seed_everything(seed)
     model_parallel_cuda_manual_seed(seed)
     return ps.get_data_parallel_world_size()

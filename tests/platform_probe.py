@@ -292,11 +292,12 @@ def main() -> None:
     ps.initialize_model_parallel(1, 1)
     from megashear import platform
 
-    platform.install_cpu_support(skip=skip, training=True)
+    platform.install("training", skip=skip)
     results = {}
-    for name in [p.name for p in platform.PATCHES]:
+    for patch in platform.PATCHES:
+        name = patch.name
         try:
-            globals()[f"probe_{name}"]()
+            globals()[patch.probe]()
             results[name] = "ok"
         except Exception as exc:
             where = traceback.extract_tb(exc.__traceback__)[-1].line

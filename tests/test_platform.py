@@ -15,16 +15,9 @@ from megashear import platform
 
 PROBE = Path(__file__).with_name("platform_probe.py")
 PATCHES = [p.name for p in platform.PATCHES]
-SPEED_PATCHES = {
-    "foreach_grad_norm",
-    "fused_adam",
-    "wgrad_accumulation",
-    "rope_tables",
-    "tied_embedding_wgrad",
-    "aligned_grad_buffer",
-    "host_allocator",
-}
-PROCESS_PATCHES = {"checkpoint_writer"}
+# each patch declares its kind (megashear/platform/patch.py); the tests read it from there
+SPEED_PATCHES = {p.name for p in platform.PATCHES if p.kind == "speed"}
+PROCESS_PATCHES = {p.name for p in platform.PATCHES if p.kind == "process"}
 
 
 def _free_port() -> int:
@@ -88,17 +81,17 @@ def test_unknown_patch_name_is_refused():
     if platform.cuda_available():
         pytest.skip("no-op with CUDA")
     with pytest.raises(ValueError, match="unknown CPU patches"):
-        platform.install_cpu_support(skip=["nope"])
+        platform.install(skip=["nope"])
 
 
 @pytest.mark.skipif(platform.cuda_available(), reason="CPU patches are inactive with CUDA")
 def test_training_only_patches_wait_for_a_trainer():
-    """``install_cpu_support`` without ``training=True`` (a converter) keeps glibc's malloc as
-    it is; ``megashear finalize`` sets its own (:func:`platform.keep_freed_host_memory`)."""
+    """``install("compute")`` (a converter) keeps glibc's malloc as it is; ``megashear
+    finalize`` sets its own (``install("streaming")``: :func:`platform.keep_freed_host_memory`)."""
     code = (
         "import json; from megashear import platform;"
-        "first = platform.install_cpu_support();"
-        "print(json.dumps([first, platform.install_cpu_support(training=True)]))"
+        "first = platform.install();"
+        "print(json.dumps([first, platform.install('training')]))"
     )
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONWARNINGS="ignore")
     proc = subprocess.run(
@@ -123,19 +116,26 @@ class _FakeGlibc:
 
 
 def test_keep_freed_host_memory_sets_heap_trim_and_one_arena(monkeypatch):
+    from megashear.platform import host_memory
+
     mmap_threshold, trim_threshold, arena_max = -3, -1, -8  # glibc's malloc.h
     libc = _FakeGlibc()
-    monkeypatch.setattr(platform, "_glibc", lambda: libc)
+    monkeypatch.setattr(host_memory, "_glibc", lambda: libc)
     assert platform.keep_freed_host_memory() is True
     assert libc.calls == [(mmap_threshold, platform.HEAP_BLOCK_LIMIT), (trim_threshold, -1)]
     libc.calls.clear()
     assert platform.keep_freed_host_memory(single_arena=True) is True
     assert libc.calls[-1] == (arena_max, 1) and len(libc.calls) == 3
     refusing = _FakeGlibc(refuse=arena_max)
-    monkeypatch.setattr(platform, "_glibc", lambda: refusing)
+    monkeypatch.setattr(host_memory, "_glibc", lambda: refusing)
     assert platform.keep_freed_host_memory(single_arena=True) is False
-    monkeypatch.setattr(platform, "_glibc", lambda: None)
+    monkeypatch.setattr(host_memory, "_glibc", lambda: None)
     assert platform.keep_freed_host_memory(single_arena=True) is False
+    # finalize's role: one arena, with or without CUDA
+    monkeypatch.setattr(host_memory, "_glibc", lambda: libc)
+    libc.calls.clear()
+    assert platform.install("streaming") == ["host_allocator"]
+    assert libc.calls[-1] == (arena_max, 1) and len(libc.calls) == 3
 
 
 @pytest.mark.skipif(platform.cuda_available(), reason="CPU patches are inactive with CUDA")
@@ -176,4 +176,17 @@ def test_patch_names_in_the_environment_are_checked(monkeypatch):
         pytest.skip("no-op with CUDA")
     monkeypatch.setenv(platform.SKIP_ENV, "fused_adam,nope")
     with pytest.raises(ValueError, match=r"unknown CPU patches \['nope'\] \(in MEGASHEAR_SKIP"):
-        platform.install_cpu_support()
+        platform.install()
+
+
+def test_every_patch_declares_a_known_kind_and_a_probe():
+    from tests import platform_probe
+
+    assert {p.kind for p in platform.PATCHES} <= set(platform.KINDS)
+    assert len(set(PATCHES)) == len(PATCHES)
+    for patch in platform.PATCHES:
+        assert callable(getattr(platform_probe, patch.probe)), patch.name
+    with pytest.raises(ValueError, match="kind"):
+        platform.Patch("x", "fast", lambda: None, "nothing")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="unknown platform role"):
+        platform.install("nope")  # type: ignore[arg-type]

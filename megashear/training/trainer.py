@@ -294,7 +294,7 @@ class Trainer:
         self.tconfig.no_sync_func = (
             wrapped[0].no_sync if len(wrapped) == 1 else [m.no_sync for m in wrapped]
         )
-        platform.install_cpu_support(training=True)
+        platform.install("training")
         return wrapped
 
     def optimizer_config(self):
@@ -321,7 +321,7 @@ class Trainer:
         optimizer = get_megatron_optimizer(
             self.optimizer_config(), self.model, config_overrides=self.optimizer_overrides()
         )
-        platform.install_cpu_support(training=True)
+        platform.install("training")
         return optimizer
 
     def _build_scheduler(self):

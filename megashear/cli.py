@@ -16,14 +16,14 @@ import json
 import logging
 import os
 import sys
-import time
 from collections.abc import Callable
 from typing import NoReturn
 
 from megashear import config_io
 from megashear.config import OneShotConfig, RunConfig
 from megashear.config_io import ConfigError
-from megashear.jobs.common import UsageError, make_batches, pruning_target
+from megashear.jobs.common import is_rank0
+from megashear.jobs.common import pruning_target as pruning_target  # re-exported for callers
 from megashear.jobs.convert import ConvertConfig
 from megashear.jobs.fit_reference import FitReferenceConfig
 from megashear.jobs.preprocess import PreprocessConfig
@@ -193,252 +193,46 @@ def _checkpoint_model(
     return dataclasses.replace(saved, seq_length=merged.seq_length)
 
 
-def _is_rank0() -> bool:
-    import torch.distributed as dist
+def report_error(exc: BaseException) -> int:
+    """The one-line error rule of every command and tool: print ``error: ...`` for ``exc`` on
+    stderr, one line, and return the exit code.
 
-    return not dist.is_initialized() or dist.get_rank() == 0
+    Bad input (``ValueError``: ``ConfigError``, ``UsageError``, ``CheckpointError`` and the
+    library's validation errors; a missing file; a ``KeyError`` a tool raises for a missing
+    key) is exit code 2. A write that failed (a read-only or full disk) is ``error: cannot write
+    PATH: reason`` and exit code 1, and so is a diverged run (:class:`NonFiniteLossError`:
+    nothing was saved after the last good checkpoint).
+    """
+    if isinstance(exc, KeyError):
+        print(f"error: {exc.args[0] if exc.args else exc}", file=sys.stderr)
+        return 2
+    if isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError):
+        from megashear.checkpoint.publish import WRITE_ERRNOS
 
-
-def write_resolved_config(cfg: RunConfig) -> None:
-    """Rank 0 writes the resolved config beside the logs and the checkpoints."""
-    if not _is_rank0():
-        return
-    for directory in {cfg.logging.dir, cfg.checkpoint.save}:
-        if directory:
-            os.makedirs(directory, exist_ok=True)
-            config_io.dump_yaml(cfg, os.path.join(directory, "config.yaml"))
-
-
-def make_dynamic_loading(cfg: RunConfig, trainer, log, kind: str = "train"):
-    """Dynamic batch loading for a manifest-driven run (None otherwise). With
-    ``logging.p2_law``, a ``train`` run's updates also log the P² law's predicted loss."""
-    p2_predict = None
-    if cfg.logging.p2_law and kind == "train":
-        if not cfg.data.manifest:
-            raise UsageError("logging.p2_law needs validation losses: set data.manifest")
-        from megashear.jobs.fit_p2 import train_predictor
-
-        tokens_per_step = cfg.train.global_batch_size * cfg.model.seq_length
-        p2_predict = train_predictor(
-            cfg.logging.p2_law, cfg.model.num_parameters(), tokens_per_step
-        )
-    if not cfg.data.manifest:
-        return None
-    from megashear.data.loader import data_cache_dir, validation_batches
-    from megashear.training.dynamic_loading import DynamicBatchLoading
-
-    manifest = trainer.batches.manifest
-    valid = validation_batches(
-        manifest,
-        cfg.model.seq_length,
-        cfg.data.eval_sequences_per_domain,
-        data_cache_dir(cfg),
-    )
-    return DynamicBatchLoading(
-        trainer.batches,
-        valid,
-        manifest.references(),
-        cfg.data.update_rule,
-        cfg.data.eta,
-        cfg.data.smoothing,
-        cfg.data.update_interval,
-        log,
-        p2_predict=p2_predict,
-    )
-
-
-def run_training(trainer, cfg: RunConfig, log, kind: str = "train") -> list[dict]:
-    """Train to ``train.train_iters`` with a rank-0 progress bar, logging and checkpoints."""
-    from tqdm import tqdm
-
-    dynamic = make_dynamic_loading(cfg, trainer, log, kind)
-
-    total = cfg.train.train_iters
-    bar = tqdm(
-        total=total, initial=trainer.iteration, disable=not _is_rank0(), desc=kind, unit="step"
-    )
-
-    def on_step(stats: dict) -> None:
-        bar.update(1)
-        bar.set_postfix(loss=f"{stats['loss']:.4f}", tok_s=f"{stats['tokens_per_s']:.0f}")
-        log.log(kind, stats["iteration"], stats)
-        if dynamic is not None:
-            dynamic(trainer, stats)
-
-    from megashear.training.signals import ExitSignals
-
-    try:
-        with ExitSignals() as signals:
-            return trainer.train(callback=on_step, signals=signals)
-    finally:
-        bar.close()
-        close = getattr(trainer.batches, "close", None)  # stop DataLoader workers, if any
-        if close is not None:
-            close()
+        writing = exc.errno in WRITE_ERRNOS
+        what = " ".join(filter(None, ("cannot write" if writing else "", exc.filename or "")))
+        reason = exc.strerror or one_line(exc)
+        print(f"error: {what}: {reason}" if what else f"error: {reason}", file=sys.stderr)
+        return 1
+    print(f"error: {one_line(exc)}", file=sys.stderr)
+    return 1 if isinstance(exc, NonFiniteLossError) else 2
 
 
 def run_tool(body: Callable[[], object]) -> int:
-    """A tool's work under the command's error contract: a bad input (``ValueError``,
-    ``KeyError``, ``OSError``) is one ``error:`` line and exit 2; otherwise the result is printed
-    as one JSON line and the exit code is 0. The process group, if any, is torn down."""
+    """A tool's work under the command's error contract (:func:`report_error`): a bad input
+    (``ValueError``, ``KeyError``, ``OSError``) is one ``error:`` line and a non-zero exit code;
+    otherwise the result is printed as one JSON line and the exit code is 0. The process group,
+    if any, is torn down."""
     try:
         result = body()
     except (ValueError, KeyError, OSError) as exc:
-        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        print(f"error: {msg}", file=sys.stderr)
-        return 2
+        return report_error(exc)
     finally:
         from megashear.parallel import destroy
 
         destroy()
     print(json.dumps(result))
     return 0
-
-
-def run_to_end(trainer, cfg: RunConfig, kind: str = "train") -> int | None:
-    """Record the resolved config, train to the end (or a signal), save the last step unless
-    its interval save has, and log a summary; the exit code of a signal stop, else None."""
-    from megashear.training.run_log import RunLog
-
-    write_resolved_config(cfg)
-    log = RunLog(
-        cfg.logging.dir,
-        enabled=_is_rank0(),
-        tensorboard=cfg.logging.tensorboard,
-        resume_from=trainer.iteration,
-    )
-    start = time.time()
-    history = run_training(trainer, cfg, log, kind=kind)
-    interval = cfg.checkpoint.save_interval
-    if cfg.checkpoint.save and not (history and interval and trainer.iteration % interval == 0):
-        trainer.save()
-    log.log("summary", trainer.iteration, {"seconds": time.time() - start})
-    log.close()
-    return _interrupted(trainer, cfg)
-
-
-def cmd_train(cfg: RunConfig) -> int | None:
-    from megashear.training.trainer import Trainer
-
-    trainer = Trainer(
-        cfg.model,
-        cfg.parallel,
-        cfg.train,
-        make_batches(cfg),
-        cfg.checkpoint,
-        distill=cfg.distill,
-    )
-    return run_to_end(trainer, cfg)
-
-
-def _interrupted(trainer, cfg: RunConfig) -> int | None:
-    """``train.signal_exit_code`` when a signal stopped the run (its checkpoint is saved), else
-    None."""
-    if not trainer.exit_signal:
-        return None
-    import signal
-
-    where = f"saved at {cfg.checkpoint.save}" if cfg.checkpoint.save else "checkpoint.save unset"
-    if _is_rank0():
-        print(
-            f"stopped by {signal.Signals(trainer.exit_signal).name} after step "
-            f"{trainer.iteration} ({where})",
-            file=sys.stderr,
-        )
-    return cfg.train.signal_exit_code
-
-
-def cmd_prune(cfg: RunConfig) -> int | None:
-    from megashear.jobs.importance import pruning_start
-    from megashear.pruning.targets import validate_target
-    from megashear.training.pruning_trainer import PruningTrainer
-
-    target = pruning_target(cfg)
-    validate_target(cfg.model, target, tp_sizes=(cfg.parallel.tp,), pp_sizes=(cfg.parallel.pp,))
-    init_log_alpha, pinned = pruning_start(cfg, target)
-    trainer = PruningTrainer(
-        cfg.model,
-        target,
-        cfg.pruning,
-        cfg.parallel,
-        cfg.train,
-        make_batches(cfg),
-        cfg.checkpoint,
-        distill=cfg.distill,
-        init_log_alpha=init_log_alpha,
-        pinned_hidden=pinned,
-    )
-    return run_to_end(trainer, cfg, kind="prune")
-
-
-def cmd_finalize(cfg: RunConfig) -> None:
-    from megashear import platform
-    from megashear.finalize_run import finalize_checkpoint
-
-    if not cfg.checkpoint.load or not cfg.checkpoint.save:
-        raise UsageError("finalize needs checkpoint.load (pruning run) and checkpoint.save")
-    platform.install("streaming")  # keep freed pages, one malloc arena for its threads
-    out = finalize_checkpoint(cfg.checkpoint.load, cfg.checkpoint.save)
-    if _is_rank0():
-        print(
-            json.dumps(
-                {
-                    "finalized": cfg.checkpoint.save,
-                    "model": out.to_dict(),
-                    "parameters": out.num_parameters(),
-                }
-            )
-        )
-
-
-def cmd_evaluate(cfg: RunConfig) -> None:
-    """Per-domain validation loss of a checkpoint (a pruning one under its deterministic
-    masks) as JSON; with ``data.write_reference`` also into the manifest (source reference)."""
-    from megashear.checkpoint.format import read_meta, resolve
-    from megashear.checkpoint.model_state import load_model_weights
-    from megashear.data.loader import check_vocab, data_cache_dir, validation_batches
-    from megashear.data.manifest import load_manifest, save_manifest
-    from megashear.training.trainer import Trainer
-
-    if not cfg.checkpoint.load or not cfg.data.manifest:
-        raise UsageError("evaluate needs checkpoint.load and data.manifest")
-    if cfg.data.write_reference and cfg.data.eval_split != "valid":
-        raise UsageError(
-            "data.write_reference needs data.eval_split=valid: dynamic batch loading compares "
-            "the reference with validation-split losses"
-        )
-    manifest = load_manifest(cfg.data.manifest)
-    check_vocab(manifest, cfg.model.vocab_size)
-    meta = read_meta(resolve(cfg.checkpoint.load))
-    if "pruning" in meta:
-        from dataclasses import replace
-
-        from megashear.training.pruning_trainer import PruningTrainer
-
-        target = ModelConfig.from_dict(meta["pruning"]["target"])
-        pcfg = replace(cfg.pruning, kinds=tuple(meta["pruning"]["kinds"]))
-        pinned = meta["pruning"].get("pinned_hidden", [])
-        trainer = PruningTrainer(
-            cfg.model, target, pcfg, cfg.parallel, cfg.train, None, pinned_hidden=pinned
-        )
-    else:
-        trainer = Trainer(cfg.model, cfg.parallel, cfg.train, None)
-    load_model_weights(trainer.model, cfg.model, cfg.checkpoint.load)
-    from megashear.training.dynamic_loading import domain_losses
-
-    valid = validation_batches(
-        manifest,
-        cfg.model.seq_length,
-        cfg.data.eval_sequences_per_domain,
-        data_cache_dir(cfg),
-        split=cfg.data.eval_split,
-    )
-    losses = domain_losses(trainer, valid)
-    if _is_rank0():
-        print(json.dumps(losses))
-        if cfg.data.write_reference:
-            manifest.set_reference_losses(losses)
-            save_manifest(manifest, cfg.data.manifest)
 
 
 # The RunConfig sections each training-side command reads; its --help and flags offer only
@@ -448,22 +242,22 @@ _RUN = ("model_preset", "model", "parallel", "train", "checkpoint")
 
 COMMANDS: dict[str, Command] = {
     "train": Command(
-        "megashear.cli:cmd_train",
+        "megashear.jobs.train:run",
         "continued pre-training of a (pruned) model",
         sections=(*_RUN, "distill", "data", "logging"),
     ),
     "prune": Command(
-        "megashear.cli:cmd_prune",
+        "megashear.jobs.prune:run",
         "targeted structured pruning with hard-concrete masks",
         sections=(*_RUN, "pruning", "importance", "distill", "data", "logging"),
     ),
     "finalize": Command(
-        "megashear.cli:cmd_finalize",
+        "megashear.jobs.finalize:run",
         "turn a pruning checkpoint into a dense model of the target",
         sections=("checkpoint", "logging"),
     ),
     "evaluate": Command(
-        "megashear.cli:cmd_evaluate",
+        "megashear.jobs.evaluate:run",
         "per-domain validation loss of a checkpoint, as JSON",
         sections=(*_RUN, "data", "logging"),
     ),
@@ -525,29 +319,15 @@ def main(argv: list[str] | None = None) -> int:
             check_run_config(cfg, args.command, platform.cuda_available())
         code = command.function()(cfg)
         if isinstance(code, dict):
-            if _is_rank0():
+            if is_rank0():
                 print(json.dumps(code), flush=True)
             code = None
-    except (ValueError, FileNotFoundError) as exc:
-        # ConfigError, UsageError, CheckpointError and the library's validation errors
-        # (shapes, layouts, targets) are all ValueErrors with one-line messages. What this
-        # run created before it failed (config.yaml, index_cache/) goes with it.
-        remove_failed_start(new_dirs)
-        print(f"error: {one_line(exc)}", file=sys.stderr)
-        return 2
-    except OSError as exc:  # e.g. a read-only or full disk under logging.dir
-        from megashear.checkpoint.publish import WRITE_ERRNOS
-
-        remove_failed_start(new_dirs)
-        writing = exc.errno in WRITE_ERRNOS
-        what = " ".join(filter(None, ("cannot write" if writing else "", exc.filename or "")))
-        reason = exc.strerror or one_line(exc)
-        print(f"error: {what}: {reason}" if what else f"error: {reason}", file=sys.stderr)
-        return 1
-    except NonFiniteLossError as exc:
-        # the run diverged: nothing was saved after the last good checkpoint
-        print(f"error: {one_line(exc)}", file=sys.stderr)
-        return 1
+    except (ValueError, OSError, NonFiniteLossError) as exc:
+        # What this run created before it failed (config.yaml, index_cache/) goes with it;
+        # a diverged run keeps its directories (its last good checkpoint is there).
+        if not isinstance(exc, NonFiniteLossError):
+            remove_failed_start(new_dirs)
+        return report_error(exc)
     finally:
         from megashear.parallel import destroy
 

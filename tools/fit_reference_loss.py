@@ -22,7 +22,7 @@ def _old_flag(name: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from megashear.cli import OneLineArgumentParser, one_line
+    from megashear.cli import OneLineArgumentParser, report_error
     from megashear.jobs.fit_reference import FitReferenceConfig, run
 
     parser = OneLineArgumentParser(description=__doc__.splitlines()[0])
@@ -47,8 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         losses = run(cfg, flag=_old_flag)
     except (ValueError, OSError) as exc:
-        print(f"error: {one_line(exc)}", file=sys.stderr)
-        return 2
+        return report_error(exc)
     print(json.dumps(losses))
     return 0
 

@@ -54,6 +54,7 @@ def translate(argv: list[str]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     from megashear.cli import main as megashear
+    from megashear.cli import report_error
 
     try:
         args = translate(sys.argv[1:] if argv is None else argv)
@@ -61,8 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         if load is not None and not os.path.exists(load):
             raise ValueError(f"--load {load} does not exist")
     except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return report_error(exc)
     return megashear(args)
 
 

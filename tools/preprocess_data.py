@@ -40,7 +40,7 @@ def _weights(text: str) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from megashear.cli import OneLineArgumentParser, one_line
+    from megashear.cli import OneLineArgumentParser, one_line, report_error
     from megashear.jobs.preprocess import (
         PreprocessConfig,
         PreprocessError,
@@ -107,8 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {one_line(exc)}", file=sys.stderr)
         return 1
     except (ValueError, OSError) as exc:
-        print(f"error: {one_line(exc)}", file=sys.stderr)
-        return 2
+        return report_error(exc)
     test = args.test_tokens_per_domain > 0
     print(tokenizer_line(result["tokenizer"]))
     for name, stats in result["domains"].items():

@@ -28,6 +28,7 @@ from megashear.jobs.convert import ConvertConfig
 from megashear.jobs.fit_reference import FitReferenceConfig
 from megashear.jobs.preprocess import PreprocessConfig
 from megashear.model_config import WEIGHT_FIELDS, ModelConfig, get_preset, model_differences
+from megashear.pipeline.recipe import Recipe
 from megashear.planning import PlanConfig
 from megashear.scaling.p2_config import FitP2Config
 from megashear.training.errors import NonFiniteLossError
@@ -67,6 +68,8 @@ class Command:
     help: str
     config: type = RunConfig
     sections: tuple[str, ...] | None = None
+    argument: str = ""
+    """A positional YAML file read like ``--config`` (``RECIPE.yaml``); "": none."""
 
     def function(self) -> Callable:
         import importlib
@@ -81,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, command in COMMANDS.items():
         p = sub.add_parser(name, help=command.help, description=command.help)
         p.add_argument("--config", action="append", default=[], help="YAML config file(s)")
+        if command.argument:
+            p.add_argument("config", metavar=command.argument, action="append", help="YAML file")
         config_io.add_arguments(p, command.config, command.sections)
     return parser
 
@@ -297,6 +302,12 @@ COMMANDS: dict[str, Command] = {
         "megashear.jobs.plan:run",
         "per-GPU memory of a prune or train job by parallel layout, and the layouts that fit",
         config=PlanConfig,
+    ),
+    "shear": Command(
+        "megashear.pipeline.shear:run",
+        "the whole job from one recipe: convert, prune, continue, export; resumable by stage",
+        config=Recipe,
+        argument="RECIPE.yaml",
     ),
 }
 

@@ -21,6 +21,8 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("tools",),
     # the megashear command: parsing and dispatch
     ("megashear.cli",),
+    # megashear shear: the whole job from one recipe, its stages launched as processes
+    ("megashear.pipeline",),
     # the jobs the commands run (importance, one-shot, fit-p2, plan, ...)
     ("megashear.jobs",),
     # commands built on both training and conversion / on training's run logs; the downstream

@@ -35,6 +35,7 @@ import os
 import torch
 
 from megashear.checkpoint.format import CheckpointError
+from megashear.checkpoint.pruning_record import read_pruning_record
 from megashear.checkpoint.publish import check_new_output
 from megashear.model_config import ModelConfig
 
@@ -69,20 +70,20 @@ def finalize_checkpoint(
         )
     reader = CheckpointReader(load, masked=True)
     source = reader.cfg
-    target = ModelConfig.from_dict(reader.meta["pruning"]["target"])
-    kinds = tuple(reader.meta["pruning"]["kinds"])
+    pruning = read_pruning_record(reader.meta, str(reader.dir))
+    target, kinds = pruning.target, pruning.kinds
     log_alpha = reader.mask_parameters()
     if set(log_alpha) != set(kinds):
         raise CheckpointError(
             f"{reader.dir} holds log α for {sorted(log_alpha)}, its settings name {sorted(kinds)}"
         )
     try:
-        pinned = reader.meta["pruning"].get("pinned_hidden", [])
+        pinned = list(pruning.pinned_hidden)
         masks = finalization_masks(log_alpha, source, target, pinned_hidden=pinned)
         plan = plan_finalization(source, masks, target)
     except ValueError as exc:
         raise CheckpointError(f"{reader.dir} cannot be finalised: {exc}") from None
-    record = {**reader.meta["pruning"], "checkpoint": os.path.abspath(str(reader.dir))}
+    record = {**pruning.to_dict(), "checkpoint": os.path.abspath(str(reader.dir))}
     write_plan(reader, plan, save, overwrite=overwrite, progress=progress,
                extra_meta={"finalized_from": record})  # fmt: skip
     cfg = plan.config

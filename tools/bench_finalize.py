@@ -37,6 +37,7 @@ def generate(path: str, source, target) -> float:
     import torch
 
     from megashear.checkpoint.model_state import LOG_ALPHA_SUFFIX, MASK_PREFIX
+    from megashear.checkpoint.pruning_record import PruningRecord
     from megashear.conversion.dist_stream import full_shapes, write_checkpoint
     from megashear.pruning import hard_concrete as hc
 
@@ -61,7 +62,7 @@ def generate(path: str, source, target) -> float:
         f"{MASK_PREFIX}{kind}{LOG_ALPHA_SUFFIX}": torch.randn(shapes_of[kind], generator=gen)
         for kind in hc.PAPER_KINDS
     }
-    meta = {"pruning": {"kinds": list(hc.PAPER_KINDS), "target": target.to_dict()}}
+    meta = PruningRecord(source, target, tuple(hc.PAPER_KINDS)).to_meta()
     write_checkpoint(
         path,
         source,

@@ -12,9 +12,9 @@ def run(cfg: RunConfig) -> dict | None:
     (source reference)."""
     from megashear.checkpoint.format import read_meta, resolve
     from megashear.checkpoint.model_state import load_model_weights
+    from megashear.checkpoint.pruning_record import read_pruning_record
     from megashear.data.loader import check_vocab, data_cache_dir, validation_batches
     from megashear.data.manifest import load_manifest, save_manifest
-    from megashear.model_config import ModelConfig
     from megashear.training.trainer import Trainer
 
     if not cfg.checkpoint.load or not cfg.data.manifest:
@@ -26,17 +26,22 @@ def run(cfg: RunConfig) -> dict | None:
         )
     manifest = load_manifest(cfg.data.manifest)
     check_vocab(manifest, cfg.model.vocab_size)
-    meta = read_meta(resolve(cfg.checkpoint.load))
-    if "pruning" in meta:
+    resolved = resolve(cfg.checkpoint.load)
+    pruning = read_pruning_record(read_meta(resolved), resolved)
+    if pruning is not None:
         from dataclasses import replace
 
         from megashear.training.pruning_trainer import PruningTrainer
 
-        target = ModelConfig.from_dict(meta["pruning"]["target"])
-        pcfg = replace(cfg.pruning, kinds=tuple(meta["pruning"]["kinds"]))
-        pinned = meta["pruning"].get("pinned_hidden", [])
+        pcfg = replace(cfg.pruning, kinds=pruning.kinds)
         trainer = PruningTrainer(
-            cfg.model, target, pcfg, cfg.parallel, cfg.train, None, pinned_hidden=pinned
+            cfg.model,
+            pruning.target,
+            pcfg,
+            cfg.parallel,
+            cfg.train,
+            None,
+            pinned_hidden=pruning.pinned_hidden,
         )
     else:
         trainer = Trainer(cfg.model, cfg.parallel, cfg.train, None)

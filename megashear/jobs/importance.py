@@ -85,6 +85,7 @@ def pruning_start(cfg: RunConfig, target) -> tuple[dict | None, list[int]]:
     """The initial log α of ``pruning.init`` (None: the paper's N(mean, 0.01)) and the pinned
     hidden channels of ``pruning.pin_hidden``, from the scores at ``importance.path``."""
     from megashear.checkpoint.format import fingerprint, read_meta, resolve
+    from megashear.checkpoint.pruning_record import read_pruning_record
     from megashear.pruning.importance import importance_log_alpha, load_scores, pinned_hidden
     from megashear.pruning.targets import target_sparsities
 
@@ -96,11 +97,12 @@ def pruning_start(cfg: RunConfig, target) -> tuple[dict | None, list[int]]:
     source = cfg.checkpoint.load or cfg.checkpoint.init
     if not source:
         raise UsageError("pruning.init=importance and pruning.pin_hidden need a source checkpoint")
-    meta = read_meta(resolve(source))
-    if "pruning" in meta:
+    resolved = resolve(source)
+    resumed = read_pruning_record(read_meta(resolved), resolved)
+    if resumed is not None:
         # resuming a pruning run: log α come from its checkpoint, the pinned channels from its
         # record (the scores were read when it started)
-        return None, list(meta["pruning"].get("pinned_hidden", []))
+        return None, list(resumed.pinned_hidden)
     path = scores_path(cfg)
     record = load_scores(path, cfg.model, fingerprint(source))
     scores = record["scores"]

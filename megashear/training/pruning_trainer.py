@@ -20,6 +20,7 @@ import logging
 import torch
 import torch.distributed as dist
 
+from megashear.checkpoint.pruning_record import PruningRecord
 from megashear.config import (
     CheckpointConfig,
     DistillConfig,
@@ -214,17 +215,20 @@ class PruningTrainer(Trainer):
         )
         return stats
 
+    def pruning_record(self) -> PruningRecord:
+        """This run's pruning record (source and target shapes, kinds, init, pinned channels)."""
+        return PruningRecord(
+            source=self.model_cfg,
+            target=self.target_cfg,
+            kinds=self.kinds,
+            init=self.init_kind,
+            pinned_hidden=tuple(self.pinned_hidden),
+        )
+
     def extra_meta(self) -> dict:
-        """What ``megashear finalize`` needs: the pruned kinds and the target shape."""
-        return {
-            **super().extra_meta(),
-            "pruning": {
-                "kinds": list(self.kinds),
-                "target": self.target_cfg.to_dict(),
-                "init": self.init_kind,
-                "pinned_hidden": self.pinned_hidden,
-            },
-        }
+        """What ``megashear finalize`` needs: the pruning record (:mod:`~megashear.checkpoint.
+        pruning_record`: the pruned kinds, the target shape, the init, the pinned channels)."""
+        return {**super().extra_meta(), **self.pruning_record().to_meta()}
 
     def extra_state(self) -> dict:
         return {

@@ -272,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         target = target_for_rate(source_cfg, rate, args.prune_pp)
         if args.prune == "importance":
             final = stages.one_shot(
-                f"{stage}-cut", ckpt / "source", target, ckpt / f"{stage}-final", "importance"
+                f"{stage}-oneshot", ckpt / "source", target, ckpt / f"{stage}-final", "importance"
             )
         else:
             stages.prune(

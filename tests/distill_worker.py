@@ -105,7 +105,7 @@ def prune(job: dict) -> dict:
     import dataclasses
 
     from megashear.config import PruningConfig
-    from megashear.finalize_run import finalize_checkpoint
+    from megashear.jobs.finalize import finalize_checkpoint
     from megashear.training.pruning_trainer import PruningTrainer
 
     cfg = ModelConfig.from_dict(job["model"])

@@ -105,7 +105,7 @@ def _random_checkpoint(path: Path, vocab_size: int, pruning: bool = False) -> No
 
     import torch
 
-    from megashear.conversion.dist_stream import full_shapes, write_checkpoint
+    from megashear.checkpoint.dist_stream import full_shapes, write_checkpoint
     from megashear.model_config import get_preset
 
     cfg = get_preset("tiny-gqa")

@@ -110,8 +110,8 @@ def _checkpoint(path: Path, extra_meta: dict | None = None, iteration: int | Non
     ``iteration`` recorded there as if a run had saved it at that step."""
     import torch
 
+    from megashear.checkpoint.dist_stream import full_shapes, write_checkpoint
     from megashear.checkpoint.format import read_meta, resolve, write_meta
-    from megashear.conversion.dist_stream import full_shapes, write_checkpoint
     from megashear.model_config import get_preset
 
     cfg = get_preset("tiny-gqa")

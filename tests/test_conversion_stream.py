@@ -46,8 +46,8 @@ def _storage_layout(root: str) -> dict:
 
 def _compare_with_megatron_save(name: str, workdir: str) -> dict:
     """Run in a subprocess: one model saved by megatron-core and by the streaming writer."""
-    from megashear.conversion.dist_stream import CheckpointReader, write_checkpoint
-    from megashear.conversion.megatron_layout import canonical_to_megatron
+    from megashear.checkpoint.dist_stream import CheckpointReader, write_checkpoint
+    from megashear.checkpoint.megatron_layout import canonical_to_megatron
     from megashear.conversion.megatron_model import (
         load_megatron_checkpoint,
         save_megatron_checkpoint,
@@ -103,7 +103,7 @@ def test_stream_writer_reproduces_megatron_save(tmp_path, name):
 
 
 def test_tp_chunks_cut_each_tensor_like_megatron_ranks():
-    from megashear.conversion.dist_stream import _write_items
+    from megashear.checkpoint.dist_stream import _write_items
     from megashear.model_config import ModelConfig
 
     cfg = ModelConfig(2, 64, 4, 2, 96, 100, seq_length=32)
@@ -205,7 +205,7 @@ def test_bf16_stays_bf16_and_round_trips(tmp_path):
 
 
 def test_failure_mid_write_leaves_nothing(tmp_path):
-    from megashear.conversion.dist_stream import write_checkpoint
+    from megashear.checkpoint.dist_stream import write_checkpoint
     from megashear.conversion.hf import write_hf_stream
     from megashear.model_config import ModelConfig
 

@@ -43,11 +43,11 @@ def _in_memory_vs_stream(case: str, workdir: str) -> dict:
 
     import torch
 
+    from megashear.checkpoint.dist_stream import CheckpointReader
+    from megashear.checkpoint.megatron_layout import canonical_to_megatron, megatron_to_canonical
     from megashear.checkpoint.model_state import save_model_checkpoint
     from megashear.config import ParallelConfig
-    from megashear.conversion.dist_stream import CheckpointReader
-    from megashear.conversion.megatron_layout import canonical_to_megatron, megatron_to_canonical
-    from megashear.finalize_run import finalize_checkpoint
+    from megashear.jobs.finalize import finalize_checkpoint
     from megashear.model_config import ModelConfig
     from megashear.models.llama import build_model, build_transformer_config
     from megashear.models.masked import MaskBank, attach_mask_bank, masked_block_spec

@@ -23,11 +23,10 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("megashear.cli",),
     # megashear shear: the whole job from one recipe, its stages launched as processes
     ("megashear.pipeline",),
-    # the jobs the commands run (importance, one-shot, fit-p2, plan, ...)
+    # the jobs the commands run (train, prune, finalize, evaluate, importance, one-shot, ...)
     ("megashear.jobs",),
-    # commands built on both training and conversion / on training's run logs; the downstream
-    # (lm-eval) task and score of exported models
-    ("megashear.finalize_run", "megashear.plots", "megashear.evaluation"),
+    # plots of training's run logs; the downstream (lm-eval) task and score of exported models
+    ("megashear.plots", "megashear.evaluation"),
     # the trainers and the checkpoint converters: siblings, neither imports the other
     ("megashear.training", "megashear.conversion"),
     # torch.distributed + megatron parallel_state (checks the layout against the model)
@@ -37,7 +36,8 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     # pure-torch pruning maths; the data pipeline; numpy/scipy scaling laws (P² law);
     # the memory planner's arithmetic (no torch)
     ("megashear.pruning", "megashear.data", "megashear.scaling", "megashear.planning"),
-    # the canonical weight layout, RoPE, the checkpoint format, run-config checks
+    # the canonical weight layout, RoPE, the checkpoint format (and its streaming reader and
+    # writer, which finalisation and conversion share), run-config checks
     ("megashear.layout", "megashear.rope", "megashear.checkpoint", "megashear.config_checks"),
     # run settings and their YAML / flag parsing
     ("megashear.config", "megashear.config_io"),
@@ -199,7 +199,15 @@ def test_the_checker_refuses(module, source, expected):
         ("megashear.training.trainer", "from megashear.checkpoint.format import resolve"),
         ("megashear.training.trainer", "from .checkpointing import save_checkpoint"),
         ("megashear.conversion.megatron_model", "from megashear.models.llama import build_model"),
-        ("megashear.finalize_run", "def f():\n    from megashear.conversion import hf"),
+        ("megashear.jobs.finalize", "def f():\n    from megashear.conversion import hf"),
+        (
+            "megashear.jobs.finalize",
+            "from megashear.checkpoint.dist_stream import write_checkpoint",
+        ),
+        (
+            "megashear.conversion.hf",
+            "from megashear.checkpoint.dist_stream import CheckpointReader",
+        ),
         ("tools.demo", "from stage_runner import StageRunner"),
         ("megashear.cli", "import torch\nfrom megatron.core import parallel_state"),
     ],

@@ -1,5 +1,5 @@
 """torch.save records memory-mapped from a byte range (checkpoint.mapped_record), and the
-background ReadAhead of the streaming reader and writer (conversion.dist_stream)."""
+background ReadAhead of the streaming reader and writer (checkpoint.dist_stream)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import threading
 import pytest
 import torch
 
+from megashear.checkpoint.dist_stream import ReadAhead
 from megashear.checkpoint.mapped_record import map_tensor
-from megashear.conversion.dist_stream import ReadAhead
 
 TENSORS = {
     "bf16 matrix": torch.randn(5, 7).to(torch.bfloat16),
@@ -86,8 +86,8 @@ def test_read_ahead_runs_get_in_one_thread_in_order_and_raises_where_asked():
 
 def test_a_checkpoint_written_by_the_streaming_writer_is_read_mapped(tmp_path, monkeypatch):
     import megashear.checkpoint.dist_files as dist_files
+    from megashear.checkpoint.dist_stream import full_shapes, write_checkpoint
     from megashear.checkpoint.format import iteration_dir
-    from megashear.conversion.dist_stream import full_shapes, write_checkpoint
     from megashear.model_config import get_preset
 
     cfg = get_preset("tiny-gqa")

@@ -36,9 +36,9 @@ def generate(path: str, source, target) -> float:
     seconds (0 when a checkpoint of the same shapes is there already)."""
     import torch
 
+    from megashear.checkpoint.dist_stream import full_shapes, write_checkpoint
     from megashear.checkpoint.model_state import LOG_ALPHA_SUFFIX, MASK_PREFIX
     from megashear.checkpoint.pruning_record import PruningRecord
-    from megashear.conversion.dist_stream import full_shapes, write_checkpoint
     from megashear.pruning import hard_concrete as hc
 
     stamp = os.path.join(path, "bench-config.json")
@@ -95,7 +95,7 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the copy and the output")
     args = parser.parse_args()
 
-    from megashear.conversion.dist_stream import CheckpointReader
+    from megashear.checkpoint.dist_stream import CheckpointReader
     from megashear.model_config import get_preset
     from megashear.pruning.targets import make_target
 

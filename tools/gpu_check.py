@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from megashear import platform
     from megashear.checkpoint.model_state import save_model_checkpoint
-    from megashear.finalize_run import finalize_checkpoint
+    from megashear.jobs.finalize import finalize_checkpoint
     from megashear.parallel import destroy
     from megashear.pruning.targets import make_target
     from megashear.training.batches import SyntheticBatches

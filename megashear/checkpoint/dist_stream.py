@@ -46,9 +46,10 @@ from megashear.checkpoint.format import (
     write_meta,
     write_tracker,
 )
+from megashear.checkpoint.megatron_layout import FC1, GLOBAL_KEYS, LAYER_KEYS, QKV
 from megashear.checkpoint.model_state import LOG_ALPHA_SUFFIX, MASK_PREFIX
+from megashear.checkpoint.pruning_record import is_pruning_checkpoint
 from megashear.checkpoint.publish import check_new_output, publish_dir
-from megashear.conversion.megatron_layout import FC1, GLOBAL_KEYS, LAYER_KEYS, QKV
 from megashear.model_config import ModelConfig
 
 logger = logging.getLogger(__name__)
@@ -445,7 +446,7 @@ class CheckpointReader:
     def __init__(self, path: str, dtype: torch.dtype | None = None, masked: bool = False) -> None:
         self.dir = resolve(path)
         meta = read_meta(self.dir)
-        if ("pruning" in meta) != masked:
+        if is_pruning_checkpoint(meta) != masked:
             raise CheckpointError(
                 f"{self.dir} is a pruning checkpoint (masked model): run `megashear finalize` "
                 "on it first"

@@ -1,6 +1,6 @@
 """Full (TP1, unsharded) megatron-core weights through a real ``GPTModel`` built in one process.
 
-The reference path next to the streaming one (:mod:`megashear.conversion.dist_stream`): it
+The reference path next to the streaming one (:mod:`megashear.checkpoint.dist_stream`): it
 holds the whole model in memory, and megatron-core's own ``sharded_state_dict`` decides what is
 saved, so the tests compare the streaming writer and reader against it.
 """

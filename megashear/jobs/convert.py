@@ -145,8 +145,8 @@ def _check_layout(model, tp: int, pp: int) -> None:
 
 def _write_megatron(cfg: ConvertConfig, model, get_canonical, dtype) -> dict:
     """Stream canonical tensors into a megatron checkpoint cut for ``parallel.tp/pp``."""
-    from megashear.conversion.dist_stream import write_checkpoint
-    from megashear.conversion.megatron_layout import megatron_tensor
+    from megashear.checkpoint.dist_stream import write_checkpoint
+    from megashear.checkpoint.megatron_layout import megatron_tensor
 
     tp, pp = cfg.parallel.tp, cfg.parallel.pp
     _check_layout(model, tp, pp)
@@ -183,9 +183,9 @@ def meta_to_megatron(cfg: ConvertConfig) -> dict:
 
 
 def megatron_to_hf(cfg: ConvertConfig) -> dict:
-    from megashear.conversion.dist_stream import CheckpointReader
+    from megashear.checkpoint.dist_stream import CheckpointReader
+    from megashear.checkpoint.megatron_layout import canonical_tensor
     from megashear.conversion.hf import write_hf_stream
-    from megashear.conversion.megatron_layout import canonical_tensor
     from megashear.conversion.model_card import model_card, read_losses
     from megashear.parallel import init_distributed
 
@@ -217,7 +217,7 @@ def megatron_to_hf(cfg: ConvertConfig) -> dict:
 
 
 def reshard(cfg: ConvertConfig) -> dict:
-    from megashear.conversion.dist_stream import CheckpointReader, write_checkpoint
+    from megashear.checkpoint.dist_stream import CheckpointReader, write_checkpoint
     from megashear.conversion.model_card import provenance
     from megashear.parallel import init_distributed
 

@@ -6,7 +6,7 @@ KV groups may go); ``method=leading`` keeps the leading units
 (:func:`megashear.pruning.one_shot.leading_masks`), a floor that uses no information. Either
 way the survivors' masks are exactly 1, so the weights are only sliced; the dense result is
 streamed from the source one tensor at a time, like finalisation
-(:func:`megashear.finalize_run.write_plan`), chunked for ``parallel.tp`` × ``parallel.pp``, and
+(:func:`megashear.jobs.finalize.write_plan`), chunked for ``parallel.tp`` × ``parallel.pp``, and
 is a plain model checkpoint that ``megashear train`` continues.
 """
 
@@ -35,10 +35,10 @@ def _refuse_unused(cfg: OneShotConfig) -> None:
 
 
 def run(cfg: OneShotConfig) -> dict:
+    from megashear.checkpoint.dist_stream import CheckpointReader
     from megashear.checkpoint.format import fingerprint
     from megashear.checkpoint.publish import check_output_path
-    from megashear.conversion.dist_stream import CheckpointReader
-    from megashear.finalize_run import write_plan
+    from megashear.jobs.finalize import write_plan
     from megashear.jobs.importance import scores_path
     from megashear.models.llama import validate_layout
     from megashear.pruning.finalize import plan_finalization

@@ -28,7 +28,7 @@ kept dims, so the two agree. Every kept layer must keep the same number of heads
 
 :func:`finalize` does it all in memory; :func:`plan_finalization` (from the masks alone),
 :func:`finalize_layer_weight` and :func:`finalize_global` are its parts, which
-:mod:`megashear.finalize_run` streams one source tensor at a time.
+:mod:`megashear.jobs.finalize` streams one source tensor at a time.
 
 The reference forwards that define "equal" (``masked_llama_forward``, ``llama_forward``) live in
 :mod:`.reference_forward`.

@@ -70,6 +70,12 @@ class Command:
     sections: tuple[str, ...] | None = None
     argument: str = ""
     """A positional YAML file read like ``--config`` (``RECIPE.yaml``); "": none."""
+    word: str = ""
+    """A config field also given as the first word after the command (``megashear convert
+    hf-to-megatron ...`` is ``--direction=hf-to-megatron``); "": none."""
+    aliases: tuple[tuple[str, str], ...] = ()
+    """Other spellings of config fields, ``(flag, key)``: ``("--pruning.target", "target")``
+    lets ``megashear plan`` take prune's flags."""
 
     def function(self) -> Callable:
         import importlib
@@ -86,8 +92,36 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--config", action="append", default=[], help="YAML config file(s)")
         if command.argument:
             p.add_argument("config", metavar=command.argument, action="append", help="YAML file")
+        if command.word:
+            p.add_argument(
+                f"word:{command.word}",
+                nargs="?",
+                default=argparse.SUPPRESS,
+                metavar=command.word.upper(),
+                help=f"the {command.word} (the same as --{command.word}=...)",
+            )
         config_io.add_arguments(p, command.config, command.sections)
+        for flag, key in command.aliases:
+            p.add_argument(
+                flag,
+                dest=f"cfg:{key}",
+                metavar="VALUE",
+                default=argparse.SUPPRESS,
+                help=f"the same as --{key}",
+            )
     return parser
+
+
+def take_word(args: argparse.Namespace, command: Command) -> None:
+    """The command's positional word (``megashear convert reshard``) as its config field; the
+    word and the field's flag naming two values is a :class:`ConfigError`."""
+    word = vars(args).pop(f"word:{command.word}", None) if command.word else None
+    if word is None:
+        return
+    flag = getattr(args, f"cfg:{command.word}", None)
+    if flag is not None and flag != word:
+        raise ConfigError(f"{word} and --{command.word}={flag} disagree: give one")
+    setattr(args, f"cfg:{command.word}", word)
 
 
 def resolve_config(args: argparse.Namespace, cls: type = RunConfig):
@@ -240,6 +274,14 @@ def run_tool(body: Callable[[], object]) -> int:
     return 0
 
 
+# megashear plan takes prune's spelling of the target and the mask kinds
+# (--pruning.target_num_layers), as well as its own (--target_num_layers).
+PLAN_ALIASES = tuple(
+    (f"--pruning.{f.name}", f.name)
+    for f in dataclasses.fields(PlanConfig)
+    if f.name.startswith("target") or f.name == "kinds"
+)
+
 # The RunConfig sections each training-side command reads; its --help and flags offer only
 # these (a YAML file may still hold the whole tree, e.g. one prune.yaml for prune, finalize and
 # evaluate).
@@ -287,6 +329,7 @@ COMMANDS: dict[str, Command] = {
         "convert a checkpoint: hf-to-megatron, meta-to-megatron, megatron-to-hf (with a model "
         "card) or reshard",
         config=ConvertConfig,
+        word="direction",
     ),
     "preprocess": Command(
         "megashear.jobs.preprocess:run",
@@ -302,6 +345,7 @@ COMMANDS: dict[str, Command] = {
         "megashear.jobs.plan:run",
         "per-GPU memory of a prune or train job by parallel layout, and the layouts that fit",
         config=PlanConfig,
+        aliases=PLAN_ALIASES,
     ),
     "shear": Command(
         "megashear.pipeline.shear:run",
@@ -321,6 +365,7 @@ def main(argv: list[str] | None = None) -> int:
     command = COMMANDS[args.command]
     new_dirs: list[str] = []
     try:
+        take_word(args, command)
         cfg = resolve_config(args, command.config)
         if isinstance(cfg, RunConfig):
             new_dirs = missing_dirs(cfg.logging.dir, cfg.checkpoint.save)

@@ -155,11 +155,47 @@ def test_convert_tool_flags_and_command_flags_agree(ckpt, tmp_path, capfd):
     assert call(old, again) == 0
 
 
+def test_convert_takes_the_direction_as_a_word(ckpt, tmp_path, capfd):
+    """``megashear convert reshard ...`` is ``megashear convert --direction=reshard ...``."""
+    from megashear.checkpoint.format import read_meta, resolve
+
+    word = ["convert", "reshard", f"--load={ckpt}", f"--save={tmp_path / 'w'}", "--parallel.tp=2"]
+    flag = ["convert", f"--load={ckpt}", f"--save={tmp_path / 'f'}", "--parallel.tp=2",
+            "--direction=reshard"]  # fmt: skip
+    both = ["convert", "reshard", "--direction=reshard", f"--load={ckpt}",
+            f"--save={tmp_path / 'b'}", "--parallel.tp=2"]  # fmt: skip
+    results = []
+    for argv in (word, flag, both):
+        assert megashear(argv) == 0
+        results.append({**last_json(capfd.readouterr().out), "saved": None})
+    assert results[0] == results[1] == results[2] and results[0]["tp"] == 2
+    metas = [read_meta(resolve(str(tmp_path / n))) for n in "wfb"]
+    assert metas[0] == metas[1] == metas[2]
+
+
+def test_plan_takes_prunes_target_flags(capfd):
+    """``megashear plan`` takes ``--pruning.target*`` / ``--pruning.kinds`` as prune spells them,
+    and its own ``--target*`` still."""
+    common = ["plan", "--source=llama2-7b", "--gpus=8"]
+    prune_spelling = ["--pruning.target=sheared-llama-1.3b", "--pruning.target_num_layers=20",
+                      "--pruning.kinds=[head,hidden,intermediate,layer]"]  # fmt: skip
+    plan_spelling = ["--target=sheared-llama-1.3b", "--target_num_layers=20",
+                     "--kinds=[head,hidden,intermediate,layer]"]  # fmt: skip
+    outs = []
+    for flags in (prune_spelling, plan_spelling):
+        assert megashear([*common, *flags]) == 0
+        outs.append(last_json(capfd.readouterr().out))
+    assert outs[0] == outs[1] and outs[0]["target"]["num_layers"] == 20
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["convert", "--load=X", "--save=Y"], "convert needs --direction, one of hf-to-megatron"),
+        (["convert", "--load=X", "--save=Y"], "convert needs a direction: megashear convert"),
         (["convert", "--direction=sideways"], "config key 'direction': expected one of"),
+        (["convert", "sideways", "--load=X"], "config key 'direction': expected one of"),
+        (["convert", "reshard", "--direction=hf-to-megatron"],
+         "reshard and --direction=hf-to-megatron disagree"),
         (["convert", "--direction=reshard", "--load={ckpt}", "--save={t}/o", "--tokenizer=t"],
          "tokenizer applies to megatron-to-hf only"),
         (["convert", "--direction=megatron-to-hf", "--load={ckpt}", "--save={t}/o",
@@ -235,7 +271,7 @@ def test_model_card_says_what_the_checkpoint_records(tmp_path, capfd):
     assert "| web | 3.2500 | 3.0000 | +0.2500 |" in card
     assert "| code | 2.5000 | 2.2500 | +0.2500 |" in card
     # the command line that made it, in the command's own spelling
-    assert f"megashear convert --direction=megatron-to-hf --load={ck} --save={out}" in card
+    assert f"megashear convert megatron-to-hf --load={ck} --save={out}" in card
 
 
 def test_model_card_of_a_bare_checkpoint_claims_nothing(ckpt, tmp_path, capfd):
@@ -248,7 +284,7 @@ def test_model_card_of_a_bare_checkpoint_claims_nothing(ckpt, tmp_path, capfd):
     assert "records no one-shot cut, distillation or training steps" in card
     for absent in ("pruned", "| source |", "Validation loss", "teacher", "One-shot"):
         assert absent not in card, absent
-    assert "megashear convert --direction=megatron-to-hf" in card
+    assert "megashear convert megatron-to-hf" in card
 
 
 def test_reshard_keeps_the_records(tmp_path, capfd):

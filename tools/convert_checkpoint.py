@@ -10,8 +10,8 @@
     python tools/convert_checkpoint.py reshard --load MEGATRON_DIR --save OUT \\
         [--parallel.tp N --parallel.pp M]
 
-is ``megashear convert --direction=hf-to-megatron --load=HF_DIR --save=MEGATRON_DIR
---parallel.tp=N --overwrite=true`` (short ``--tp/--pp`` as well), the same function
+is ``megashear convert hf-to-megatron --load=HF_DIR --save=MEGATRON_DIR --parallel.tp=N
+--overwrite=true`` (short ``--tp/--pp`` as well), the same function
 (:func:`megashear.jobs.convert.run`, which documents the conversion) under the same rules: bad
 input is one ``error:`` line, exit code 2, and no partial output; the result is one JSON line.
 """

@@ -1,6 +1,7 @@
 """``megashear convert``: checkpoints between Hugging Face / Meta LLaMA and megatron-core.
 
-``--direction`` picks the conversion:
+The direction, the first word after ``convert`` (``megashear convert hf-to-megatron --load=...
+--save=...``; ``--direction=hf-to-megatron`` is the same), picks the conversion:
 
 - ``hf-to-megatron``: an HF LLaMA directory (``config.json`` + safetensors or ``.bin``) into a
   megashear checkpoint (megatron-core dist_checkpointing, cut for ``parallel.tp`` ×
@@ -89,9 +90,11 @@ def command_line(cfg: ConvertConfig) -> str:
     """The ``megashear convert`` command line of ``cfg``: every field that differs from its
     default, in the command's own spelling (what the model card records)."""
     defaults = ConvertConfig()
-    words = ["megashear", "convert"]
+    words = ["megashear", "convert", *([cfg.direction] if cfg.direction else [])]
     for f in fields(ConvertConfig):
         value, default = getattr(cfg, f.name), getattr(defaults, f.name)
+        if f.name == "direction":
+            continue
         if f.name == "parallel":
             for g in fields(ConvertLayout):
                 if getattr(value, g.name) != getattr(default, g.name):
@@ -112,7 +115,9 @@ def _dtype(name: str | None):
 def _check(cfg: ConvertConfig) -> None:
     """The one-line usage errors of a config, before anything is read."""
     if cfg.direction is None:
-        raise UsageError(f"convert needs --direction, one of {', '.join(DIRECTIONS)}")
+        raise UsageError(
+            f"convert needs a direction: megashear convert {{{'|'.join(DIRECTIONS)}}} ..."
+        )
     for name in ("load", "save"):
         if not getattr(cfg, name):
             raise UsageError(f"convert needs --{name}")

@@ -157,7 +157,9 @@ def check_model_values(cfg: ModelConfig) -> None:
     """Raise ``ValueError`` (one line naming the field) unless every value of ``cfg`` is one a
     model can have: sizes are integers of at least 1 (``kv_channels`` may be null), epsilon,
     RoPE base and RoPE scaling factors finite numbers above 0, ``tie_word_embeddings`` a bool,
-    the query heads a multiple of the key/value heads and, for llama3 RoPE scaling, the high
+    the query heads a multiple of the key/value heads, the width a multiple of the heads
+    (unless ``kv_channels`` sets the head dimension), an even head dimension (RoPE rotates
+    pairs) and, for llama3 RoPE scaling, the high
     frequency factor above the low one (transformers divides by their difference)."""
     for name in POSITIVE_INT_FIELDS:
         value = getattr(cfg, name)
@@ -179,6 +181,13 @@ def check_model_values(cfg: ModelConfig) -> None:
             f"num_attention_heads={cfg.num_attention_heads} is not a multiple of "
             f"num_query_groups={cfg.num_query_groups}"
         )
+    if cfg.kv_channels is None and cfg.hidden_size % cfg.num_attention_heads:
+        raise ValueError(
+            f"hidden_size={cfg.hidden_size} is not a multiple of "
+            f"num_attention_heads={cfg.num_attention_heads} (and head_dim is not given)"
+        )
+    if cfg.head_dim % 2:
+        raise ValueError(f"head_dim={cfg.head_dim} must be even (RoPE rotates pairs of channels)")
     if cfg.rope_scaling == "llama3" and cfg.rope_high_freq_factor <= cfg.rope_low_freq_factor:
         raise ValueError(
             f"rope_high_freq_factor={cfg.rope_high_freq_factor} must be above "

@@ -66,6 +66,9 @@ def _hf(tmp_path: Path, **overrides) -> str:
          "rope_high_freq_factor=4.0 must be above rope_low_freq_factor=4.0"),
         ({"tie_word_embeddings": "false"},
          "tie_word_embeddings must be true or false, got 'false'"),
+        ({"hidden_size": 66},
+         "hidden_size=66 is not a multiple of num_attention_heads=4 (and head_dim is not given)"),
+        ({"head_dim": 15}, "head_dim=15 must be even"),
     ],
 )  # fmt: skip
 def test_bad_hf_value_is_one_line(tmp_path, overrides, message):
@@ -78,6 +81,8 @@ def test_bad_hf_value_is_one_line(tmp_path, overrides, message):
 
 def test_good_hf_values_are_read_as_given(tmp_path):
     """Null means transformers' default; every other value is taken exactly as written."""
+    # an explicit head_dim needs no width that divides by the heads
+    assert config_from_hf(_hf(tmp_path, hidden_size=66, head_dim=16)).head_dim == 16
     cfg = config_from_hf(
         _hf(tmp_path, num_key_value_heads=None, head_dim=None, rms_norm_eps=None, rope_theta=5e5)
     )
@@ -118,6 +123,7 @@ PARAMS = {"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "vocab_size":
         ({"rope_theta": math.nan}, "rope_theta must be a finite number above 0, got nan"),
         ({"max_seq_len": -1}, "max_seq_len must be a positive integer, got -1"),
         ({"use_scaled_rope": "yes"}, "use_scaled_rope must be true or false, got 'yes'"),
+        ({"dim": 66}, "dim=66 is not a multiple of n_heads=4"),
         ({"use_scaled_rope": True, "rope_scaling_factor": 0}, "rope_scaling_factor must be a"),
     ],
 )  # fmt: skip
@@ -151,6 +157,8 @@ def test_good_meta_values_are_read_as_given():
         ({"rotary_base": math.inf}, "rotary_base must be a finite number above 0, got inf"),
         ({"tie_word_embeddings": 1}, "tie_word_embeddings must be true or false, got 1"),
         ({"num_query_groups": 3}, "is not a multiple of num_query_groups=3"),
+        ({"hidden_size": 66}, "hidden_size=66 is not a multiple of num_attention_heads=4"),
+        ({"kv_channels": 15}, "head_dim=15 must be even"),
     ],
 )  # fmt: skip
 def test_model_values(change, message):
@@ -177,5 +185,28 @@ def test_bad_hf_value_through_the_command_is_one_line(tmp_path, capfd):
     assert code == 2
     err = [ln for ln in capfd.readouterr().err.splitlines() if ln.strip()]
     assert err[-1].startswith("error: ") and "rms_norm_eps must be a finite number" in err[-1]
+    assert sum(ln.startswith("error:") for ln in err) == 1
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "bad", [{"rope_theta": 0}, {"hidden_size": 66}, {"num_key_value_heads": 3}]
+)
+def test_bad_hf_value_through_the_direction_word_is_one_line(tmp_path, capfd, bad):
+    """``megashear convert hf-to-megatron``: a bad RoPE base or shape is one ``error:`` line."""
+    from megashear.cli import main
+
+    (tmp_path / "hf").mkdir()
+    _hf(tmp_path / "hf", **bad)
+    saved = dict(os.environ)
+    try:
+        code = main(["convert", "hf-to-megatron", f"--load={tmp_path / 'hf'}",
+                     f"--save={tmp_path / 'out'}"])  # fmt: skip
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    assert code == 2
+    err = [ln for ln in capfd.readouterr().err.splitlines() if ln.strip()]
+    assert err[-1].startswith("error: ") and "config.json" in err[-1]
     assert sum(ln.startswith("error:") for ln in err) == 1
     assert not (tmp_path / "out").exists()

@@ -178,6 +178,12 @@ def config_from_hf(path: str) -> ModelConfig:
             f"{cfg_path}: num_attention_heads={heads} is not a multiple of "
             f"num_key_value_heads={groups}"
         )
+    if c.get("head_dim") is None and c["hidden_size"] % heads:
+        # transformers would floor hidden_size / heads: a model of other shapes than it states
+        raise ConversionError(
+            f"{cfg_path}: hidden_size={c['hidden_size']} is not a multiple of "
+            f"num_attention_heads={heads} (and head_dim is not given)"
+        )
     head_dim = positive_int(c.get("head_dim"), "head_dim", cfg_path, c["hidden_size"] // heads)
     tied = c.get("tie_word_embeddings", False)  # LlamaConfig's default
     if not isinstance(tied, bool):

@@ -166,6 +166,8 @@ def config_from_params(p: dict, where: str, embedding_rows: int, tied: bool) -> 
     groups = positive_int(p.get("n_kv_heads"), "n_kv_heads", where, heads)
     if heads % groups:
         raise ConversionError(f"{where}: n_heads={heads} is not a multiple of n_kv_heads={groups}")
+    if dim % heads:  # Meta's head dimension is dim // n_heads
+        raise ConversionError(f"{where}: dim={dim} is not a multiple of n_heads={heads}")
     vocab = p.get("vocab_size", -1)
     if vocab is None or vocab == -1:  # Meta's "-1: from the tokenizer"
         vocab = embedding_rows

@@ -115,6 +115,11 @@ def _changed(old: dict, new: dict, prefix: str = "") -> list[str]:
     return keys
 
 
+def _keys(section: str, values: dict) -> dict:
+    """``{"steps": 4}`` -> ``{"section.steps": 4}`` (inputs named as the recipe names them)."""
+    return {f"{section}.{k}": v for k, v in values.items()}
+
+
 def _mean(losses: dict[str, float]) -> float:
     return sum(losses.values()) / max(1, len(losses))
 
@@ -154,13 +159,9 @@ class ShearJob:
     def _plan(self) -> list[Stage]:
         r, out = self.recipe, self.out
         d, p, c = r.data, r.pruning, r.continuation
-        data_inputs = {
-            "seq_length": d.seq_length,
-            "eval_sequences": d.eval_sequences,
-            "tokenizer": str(self.tokenizer or ""),
-        }
+        data = {"seq_length": d.seq_length, "eval_sequences": d.eval_sequences}
         if d.inputs:
-            data_inputs.update(
+            data.update(
                 inputs=[_abs(i) for i in d.inputs],
                 max_bytes_per_domain=d.max_bytes_per_domain,
                 valid_tokens_per_domain=d.valid_tokens_per_domain,
@@ -168,7 +169,8 @@ class ShearJob:
                 add_bos=d.add_bos,
             )
         else:
-            data_inputs["manifest"] = _abs(d.manifest)
+            data["manifest"] = _abs(d.manifest)
+        data_inputs = {"tokenizer": str(self.tokenizer or ""), **_keys("data", data)}
         plan: list[Stage] = []
         if r.source_is_hf():
             plan.append(
@@ -181,15 +183,15 @@ class ShearJob:
                 )
             )
         plan.append(Stage("preprocess", data_inputs, self._preprocess, [self.out / "data"]))
-        ref = {"method": r.reference.method, "points": _abs(r.reference.points)}
+        ref = _keys("reference", {"method": r.reference.method, "points": _abs(r.reference.points)})
         if r.reference.method == "fit":
-            ref["target"] = r.target_fields()
+            ref.update(_keys("target", r.target_fields()))
         plan.append(Stage("reference", ref, self._reference, [], self._losses_line))
         if r.needs_importance():
             plan.append(
                 Stage(
                     "importance",
-                    {"samples": p.importance_samples},
+                    {"pruning.importance_samples": p.importance_samples},
                     self._importance,
                     [self.scores.parent],
                 )
@@ -199,7 +201,11 @@ class ShearJob:
             prune = dataclasses.asdict(p)
             for k in ("layout", "save_interval", "method"):
                 prune.pop(k)
-            prune.update(target=target, update_rule=d.update_rule)
+            prune = {
+                **_keys("pruning", prune),
+                **_keys("target", target),
+                "data.update_rule": d.update_rule,
+            }
             plan.append(
                 Stage(
                     "prune",
@@ -214,7 +220,7 @@ class ShearJob:
             plan.append(
                 Stage(
                     "cut",
-                    {"method": p.method, "target": target},
+                    {"pruning.method": p.method, **_keys("target", target)},
                     self._one_shot,
                     [self.cut],
                     self._cut_line,
@@ -224,7 +230,11 @@ class ShearJob:
             cont = dataclasses.asdict(c)
             cont.pop("layout")
             cont.pop("save_interval")
-            cont.update(kd_alpha=r.distill.alpha, update_rule=d.update_rule)
+            cont = {
+                **_keys("continuation", cont),
+                "distill.alpha": r.distill.alpha,
+                "data.update_rule": d.update_rule,
+            }
             plan.append(
                 Stage(
                     "continue",
@@ -355,6 +365,8 @@ class ShearJob:
         return _run_result(run, self.out, losses)
 
     def _finalize(self) -> dict:
+        if self.cut.exists():  # a finalisation not recorded (killed before its evaluation)
+            shutil.rmtree(self.cut)
         res = self.stages.finalize("finalize", self.out / "ckpt" / "prune", self.cut)
         return self._checkpoint_result("finalize", res)
 
@@ -570,7 +582,9 @@ def read_job(out: Path) -> JobResult:
         continue_loss=final.result["loss"] if final else None,
         hf=str(out / recs["export"].result["hf"]) if "export" in recs else None,
         seconds={n: recs[n].seconds for n in order if n in recs},
-        reference_method=recs["reference"].inputs["method"] if "reference" in recs else "source",
+        reference_method=(
+            recs["reference"].inputs["reference.method"] if "reference" in recs else "source"
+        ),
     )
 
 

@@ -1,7 +1,8 @@
-"""``make demo`` at micro scale on the real SmolLM2-135M: convert + tokenise with its own tokenizer
--> source reference losses -> importance -> learned masks from importance (PP2, pinned channels,
-dynamic batch loading) -> finalize -> KD continuation -> HF export that transformers loads
-alone -> lm-eval on the held-out task -> summary table."""
+"""``make demo`` at micro scale on the real SmolLM2-135M: the demo recipe run by ``megashear
+shear`` (convert + tokenise with its own tokenizer -> source reference losses -> importance ->
+learned masks from importance (PP2, pinned channels, dynamic batch loading) -> finalize -> KD
+continuation -> HF export that transformers loads alone), then lm-eval on the held-out task
+and the summary table."""
 
 from __future__ import annotations
 
@@ -73,9 +74,11 @@ def test_demo_pipeline_micro(tmp_path, smollm2_hf):
     assert prune_meta["layout"]["pp"] == 2
     assert prune_meta["pruning"]["init"] == "importance"
     assert cont_meta["distill"]["teacher"] == str(out / "ckpt" / "source")
-    assert (out / "ckpt" / "source" / "importance.pt").is_file()
-    pngs = {p.name for p in out.glob("*/plots/*.png")}
+    assert (out / "importance" / "importance.pt").is_file()
+    pngs = {p.name for p in out.glob("runs/*/plots/*.png")}
     assert {"loss.png", "sparsity.png", "domain_weights.png", "excess_loss.png"} <= pngs
-    cont = [json.loads(x) for x in (out / "continue" / "events.jsonl").read_text().splitlines()]
+    cont = [
+        json.loads(x) for x in (out / "runs" / "continue" / "events.jsonl").read_text().splitlines()
+    ]
     train = [e for e in cont if e["kind"] == "train"]
     assert train and set(train[-1]["domain_loss"]) <= DOMAINS

@@ -2,85 +2,101 @@
 """``make demo``: shear the real pretrained SmolLM2-135M end to end on CPU into a small model
 that is worth having, and show how good it is.
 
-Stages (each a real command, each timed; its progress line names it once):
+The job is the recipe ``examples/smollm2_demo/recipe.yaml`` run by ``megashear shear``
+(:mod:`megashear.pipeline`): convert -> preprocess (the six-domain corpus with the model's own
+tokenizer) -> reference (the source's per-domain losses) -> importance -> the importance cut
+(``--target``), or with ``--prune-steps N`` learned masks from importance at PP2 and finalize
+-> continued pre-training distilled from the source (``--kd-alpha``; 0 is the LM loss alone) ->
+Hugging Face export; each stage's progress line names it once, and a rerun skips the finished
+stages. This script adds what is the demo's alone:
 
-1. convert     ``tools/fetch_smollm2.py``'s cached HF directory of SmolLM2-135M-Instruct
-               (30 layers x 576, 9 heads in 3 KV groups, FFN 1536, vocab 49152, tied
-               embeddings) -> a megatron-core checkpoint;
-2. preprocess  the six-domain corpus with the model's own tokenizer (run beside 1);
-3. source      ``megashear evaluate --data.write_reference=true``: the source's per-domain
-               losses become the reference losses of dynamic batch loading;
-4. importance  ``megashear importance``: Minitron activation importance of every head, FFN
-               unit, hidden channel and layer on training windows;
-5. cut         ``megashear one-shot --method=importance`` to the target (``--target``; GQA-aware)
-               or, with ``--prune-steps N``, ``megashear prune`` from the importance-initialised
-               masks (``pruning.init=importance``, pinned massive-activation channels) for N
-               steps at PP2, then ``megashear finalize``;
-6. continue    ``megashear train`` from the cut model with dynamic batch loading, distilled from
-               the source (``--kd-alpha``; 0 is the LM loss alone);
-7. export      ``tools/convert_checkpoint.py megatron-to-hf`` with the tokenizer (plots of
-               every run meanwhile);
-8. downstream  lm-eval on a 4-way continuation task built from held-out corpus text (documents
-               past everything the runs read, ``megashear.evaluation``): the source and the
-               sheared model, and a greedy sample of each with transformers alone.
+- the model: ``tools/fetch_smollm2.py``'s cached HF directory of SmolLM2-135M-Instruct (30
+  layers x 576, 9 heads in 3 KV groups, FFN 1536, vocab 49152, tied embeddings);
+- plots of the runs;
+- downstream: lm-eval on a 4-way continuation task built from held-out corpus text (documents
+  past everything the runs read, ``megashear.evaluation``) for the source and the sheared
+  model, and a greedy sample of each with transformers alone;
+- the summary: per-domain validation loss after each stage, parameters, the recipe, the
+  downstream scores, the samples and the stage times.
 
-The summary: per-domain validation loss after each stage, parameters, the recipe, the
-downstream scores, the samples and the stage times. The options let a test run it at micro
-scale.
+Options left unset keep the recipe's values; they let a test run the demo at micro scale.
 """
 
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from shear_stages import ShearStages, load_fetcher, manifest_with_weights  # noqa: E402
-from stage_runner import StageRunner, last_json  # noqa: E402
+from shear_stages import corpus_files, load_fetcher  # noqa: E402
+from stage_runner import ROOT, StageRunner, last_json  # noqa: E402
 from target_sizes import TARGETS  # noqa: E402
 
 from megashear.paths import corpus_dir  # noqa: E402
 
 PROMPT = "The history of the Roman Empire"
+RECIPE = ROOT / "examples" / "smollm2_demo" / "recipe.yaml"
+
+# demo option -> the recipe field it sets (None: keep the recipe's)
+FIELDS = {
+    "bytes_per_domain": "data.max_bytes_per_domain",
+    "seq_length": "data.seq_length",
+    "eval_sequences": "data.eval_sequences",
+    "importance_samples": "pruning.importance_samples",
+    "prune_batch": "pruning.batch",
+    "prune_micro_batch": "pruning.micro_batch",
+    "prune_lr": "pruning.lr",
+    "prune_updates": "pruning.domain_updates",
+    "pin_hidden": "pruning.pin_hidden",
+    "mask_lr": "pruning.mask_lr",
+    "continue_steps": "continuation.steps",
+    "continue_batch": "continuation.batch",
+    "continue_micro_batch": "continuation.micro_batch",
+    "continue_lr": "continuation.lr",
+    "continue_updates": "continuation.domain_updates",
+    "kd_alpha": "distill.alpha",
+}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="runs/demo")
+    p.add_argument("--recipe", default=str(RECIPE), help="default: %(default)s")
     p.add_argument(
         "--corpus", default=str(corpus_dir()), help="default: $MEGASHEAR_CORPUS or ../shared/corpus"
     )
     p.add_argument("--cache-dir", default=None, help="model cache (default: fetch_smollm2's)")
     p.add_argument(
         "--target",
-        default="92m",
+        default=None,
         choices=sorted(TARGETS),
-        help="the target shape (92m: the smallest that kept half of the source's downstream "
-        "accuracy above chance in tools/target_sizes.py)",
+        help="the target shape (default: the recipe's, 92m: the smallest that kept half of the "
+        "source's downstream accuracy above chance in tools/target_sizes.py)",
     )
-    p.add_argument("--bytes-per-domain", type=int, default=500_000, help="text read per domain")
-    p.add_argument("--seq-length", type=int, default=128)
-    p.add_argument("--eval-sequences", type=int, default=16, help="validation windows per domain")
-    p.add_argument("--importance-samples", type=int, default=64, help="calibration windows")
+    recipe = "default: the recipe's"
+    p.add_argument("--bytes-per-domain", type=int, help=f"text read per domain ({recipe})")
+    p.add_argument("--seq-length", type=int, help=recipe)
+    p.add_argument("--eval-sequences", type=int, help=f"validation windows per domain ({recipe})")
+    p.add_argument("--importance-samples", type=int, help=f"calibration windows ({recipe})")
     p.add_argument(
         "--prune-steps", type=int, default=0, help="learned-mask steps (0: the importance cut)"
     )
-    p.add_argument("--prune-batch", type=int, default=8, help="global batch (sequences)")
-    p.add_argument("--prune-micro-batch", type=int, default=2)
-    p.add_argument("--prune-lr", type=float, default=1e-4, help="model weights while pruning")
-    p.add_argument("--prune-updates", type=int, default=2, help="domain-weight updates")
-    p.add_argument("--pin-hidden", type=float, default=5.0, help="pruning.pin_hidden")
-    p.add_argument("--mask-lr", type=float, default=0.1, help="log alpha and lambda LR")
-    p.add_argument("--continue-steps", type=int, default=40)
-    p.add_argument("--continue-batch", type=int, default=8, help="global batch (sequences)")
-    p.add_argument("--continue-micro-batch", type=int, default=4)
-    p.add_argument("--continue-lr", type=float, default=3e-4)
-    p.add_argument("--continue-updates", type=int, default=2, help="domain-weight updates")
+    p.add_argument("--prune-batch", type=int, help=f"global batch, sequences ({recipe})")
+    p.add_argument("--prune-micro-batch", type=int, help=recipe)
+    p.add_argument("--prune-lr", type=float, help=f"model weights while pruning ({recipe})")
+    p.add_argument("--prune-updates", type=int, help=f"domain-weight updates ({recipe})")
+    p.add_argument("--pin-hidden", type=float, help=f"pruning.pin_hidden ({recipe})")
+    p.add_argument("--mask-lr", type=float, help=f"log alpha and lambda LR ({recipe})")
+    p.add_argument("--continue-steps", type=int, help=recipe)
+    p.add_argument("--continue-batch", type=int, help=f"global batch, sequences ({recipe})")
+    p.add_argument("--continue-micro-batch", type=int, help=recipe)
+    p.add_argument("--continue-lr", type=float, help=recipe)
+    p.add_argument("--continue-updates", type=int, help=f"domain-weight updates ({recipe})")
     p.add_argument("--continue-tp", type=int, default=1, choices=(1, 2))
-    p.add_argument("--kd-alpha", type=float, default=1.0, help="KD weight (0: the LM loss alone)")
+    p.add_argument("--kd-alpha", type=float, help=f"KD weight, 0: the LM loss alone ({recipe})")
     p.add_argument("--no-downstream", action="store_true", help="skip the lm-eval scores")
     p.add_argument("--downstream-limit", type=int, default=None, help="score the first N items")
     p.add_argument("--task-items", type=int, default=20, help="held-out items per domain")
@@ -88,95 +104,64 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def shear_command(args: argparse.Namespace, hf_src: Path, out: Path) -> list[str]:
+    """``megashear shear RECIPE`` with the demo's options as recipe flags."""
+    cmd = [sys.executable, "-m", "megashear.cli", "shear", args.recipe]
+    cmd += [f"--source={hf_src}", f"--output={out}"]
+    cmd.append("--data.inputs=[" + ", ".join(corpus_files(Path(args.corpus))) + "]")
+    if args.target:
+        cmd += [f"--target.{k}={v}" for k, v in TARGETS[args.target].items()]
+    if args.prune_steps > 0:
+        cmd += ["--pruning.method=prune", f"--pruning.steps={args.prune_steps}"]
+    if args.continue_tp > 1:
+        cmd.append(f"--continuation.layout={{tp: {args.continue_tp}}}")
+    for option, key in FIELDS.items():
+        value = getattr(args, option)
+        if value is not None:
+            cmd.append(f"--{key}={value}")
+    return cmd
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    groups = TARGETS[args.target]["num_query_groups"]
-    if args.continue_tp > 1 and (args.kd_alpha > 0 or groups % args.continue_tp):
+    from megashear import config_io
+    from megashear.pipeline.recipe import Recipe
+
+    recipe = config_io.from_dict(Recipe, config_io.load_yaml(args.recipe))
+    kd_alpha = recipe.distill.alpha if args.kd_alpha is None else args.kd_alpha
+    target = TARGETS[args.target] if args.target else recipe.target_fields()
+    groups = target["num_query_groups"]
+    if args.continue_tp > 1 and (kd_alpha > 0 or groups % args.continue_tp):
         # the teacher runs at the student's layout: SmolLM2's 3 KV groups do not split over TP2
         print(f"error: --continue-tp {args.continue_tp} needs --kd-alpha 0 and a target whose "
-              f"KV groups it divides (SmolLM2 has 3; --target {args.target} has {groups})",
+              f"KV groups it divides (SmolLM2 has 3; the target has {groups})",
               file=sys.stderr)  # fmt: skip
         return 2
     t_start = time.time()
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     demo = StageRunner(out, threads=2)
-    stages = ShearStages(demo, args.seq_length, args.eval_sequences, out / "index_cache")
     py = sys.executable
-    ckpt = out / "ckpt"
-    target = TARGETS[args.target]
 
-    # 1-2. the model (cached by fetch_smollm2), converted while the corpus is tokenised
+    # the model (cached by fetch_smollm2), then the whole job from the recipe
     t = time.time()
     hf_src = load_fetcher().ensure_smollm2(args.cache_dir)
-    demo.times["fetch"] = time.time() - t
-    converted, manifest = stages.prepare(
-        hf_src, Path(args.corpus), ckpt / "source", out / "data", args.bytes_per_domain
-    )
+    fetch_s = time.time() - t
+    cmd = shear_command(args, hf_src, out)
+    code = subprocess.run(cmd, cwd=ROOT).returncode
+    if code:
+        return code
+    from megashear.pipeline.shear import read_job
 
-    # 3. the source's per-domain losses, written into the manifest as the reference
-    losses = {"source": stages.evaluate("source", ckpt / "source", manifest, write_reference=True)}
+    job = read_job(out)
 
-    # 4. activation importance of the source, written beside it
-    stages.importance("importance", ckpt / "source", manifest, args.importance_samples)
+    # plots of the runs (they only read event logs)
+    runs = [r for r in ("prune", "continue") if (out / "runs" / r / "events.jsonl").is_file()]
+    for r in runs:
+        demo.run(f"plots-{r}", [py, "tools/plot_run.py", str(out / "runs" / r)])
 
-    # 5. the cut: by importance alone, or learned masks that start from it
-    start = manifest
-    if args.prune_steps > 0:
-        stages.prune(
-            "prune",
-            ckpt / "source",
-            manifest,
-            target,
-            ckpt / "prune",
-            out / "prune",
-            args.prune_steps,
-            args.prune_batch,
-            args.prune_micro_batch,
-            args.prune_lr,
-            args.prune_updates,
-            lr_masks=args.mask_lr,
-            extra=("--pruning.init=importance", f"--pruning.pin_hidden={args.pin_hidden}"),
-        )
-        losses["pruned (masked)"] = stages.evaluate("prune-eval", ckpt / "prune", manifest)
-        final = stages.finalize("finalize", ckpt / "prune", ckpt / "cut")
-        start = manifest_with_weights(
-            manifest, out / "prune", manifest.with_name("manifest_continue.yaml")
-        )
-    else:
-        final = stages.one_shot("cut", ckpt / "source", target, ckpt / "cut", method="importance")
-    losses["cut"] = stages.evaluate("cut-eval", ckpt / "cut", manifest)
-
-    # 6. continued pre-training from the cut, distilled from the source
-    teacher = ckpt / "source" if args.kd_alpha > 0 else None
-    stages.train(
-        "continue",
-        start,
-        ckpt / "continue",
-        out / "continue",
-        args.continue_steps,
-        args.continue_batch,
-        args.continue_micro_batch,
-        args.continue_lr,
-        args.continue_updates,
-        tp=args.continue_tp,
-        load=ckpt / "cut",
-        teacher=teacher,
-        kd_alpha=args.kd_alpha,
-    )
-    losses["sheared"] = stages.evaluate("continue-eval", ckpt / "continue", start)
-
-    # 7. export to Hugging Face with the tokenizer (plots meanwhile: they only read event logs)
-    hf_dir = out / "hf"
-    runs = [r for r in ("prune", "continue") if (out / r / "events.jsonl").is_file()]
-    with ThreadPoolExecutor(1) as pool:
-        plots = pool.submit(
-            lambda: [demo.run(f"plots-{r}", [py, "tools/plot_run.py", str(out / r)]) for r in runs]
-        )
-        stages.export("export", ckpt / "continue", hf_dir, hf_src)
-        plots.result()
-
-    # 8. downstream: lm-eval on held-out text, and greedy samples with transformers alone
+    # downstream: lm-eval on held-out text, and greedy samples with transformers alone
+    hf_dir = Path(job.hf)
     downstream = {}
     if not args.no_downstream:
         from megashear.evaluation.downstream_task import TaskSpec, build_task
@@ -194,13 +179,29 @@ def main(argv: list[str] | None = None) -> int:
         demo.run("generate", [py, "-c", GENERATE, str(args.new_tokens), str(hf_dir), str(hf_src)])
     )
     wall = time.time() - t_start
+    print_summary(args, out, job, recipe, target, kd_alpha, downstream, generated)
+    times = {"fetch": fetch_s, **job.seconds, **demo.times}
+    print(
+        "\nstage times (s): "
+        + ", ".join(f"{k} {v:.0f}" for k, v in times.items())
+        + f"; total {wall:.0f} (wall; convert || preprocess overlap)"
+    )
+    print(f"\ntransformers, greedy, {args.new_tokens} new tokens:")
+    print(f"  source:  {generated['source']!r}")
+    print(f"  sheared: {generated['sheared']!r}")
+    print(f"plots: {out}/runs/*/plots/*.png")
+    return 0
 
-    from megashear.model_config import ModelConfig
+
+def print_summary(args, out, job, recipe, target, kd_alpha, downstream, generated) -> None:
+    """Parameters, the recipe, per-domain losses, downstream scores and final weights."""
     from megashear.training.run_log import read_events
 
-    cont_updates = read_events(str(out / "continue"), "domain_update")
-    final_weights = cont_updates[-1]["weights"] if cont_updates else {}
-    src_params = ModelConfig.from_dict(converted["model"]).num_parameters()
+    seq = args.seq_length or recipe.data.seq_length
+    samples = args.importance_samples or recipe.pruning.importance_samples
+    steps = args.continue_steps or recipe.continuation.steps
+    batch = args.continue_batch or recipe.continuation.batch
+    pin = recipe.pruning.pin_hidden if args.pin_hidden is None else args.pin_hidden
     shape = (
         f"{target['num_layers']} layers x {target['hidden_size']}, "
         f"{target['num_attention_heads']} heads in {target['num_query_groups']} KV groups, "
@@ -208,24 +209,22 @@ def main(argv: list[str] | None = None) -> int:
     )
     print("\n================ megashear demo: shear SmolLM2-135M ================")
     print(
-        f"parameters (tie counted once): source {src_params:,} -> sheared "
-        f"{final['parameters']:,} ({shape}); HF export {generated['parameters']:,}"
+        f"parameters (tie counted once): source {job.source_parameters:,} -> sheared "
+        f"{job.parameters:,} ({shape}); HF export {generated['parameters']:,}"
     )
     cut = (
-        f"{args.prune_steps} steps of learned masks from importance (pin_hidden "
-        f"{args.pin_hidden:g}), finalised"
+        f"{args.prune_steps} steps of learned masks from importance (pin_hidden {pin:g}), finalised"
         if args.prune_steps > 0
         else "the importance cut (Minitron, no training)"
     )
-    kd = f"KD from the source (alpha {args.kd_alpha:g})" if args.kd_alpha > 0 else "the LM loss"
-    tokens = args.continue_steps * args.continue_batch * args.seq_length
+    kd = f"KD from the source (alpha {kd_alpha:g})" if kd_alpha > 0 else "the LM loss"
     print(
-        f"recipe: importance on {args.importance_samples} x {args.seq_length} tokens; {cut}; "
-        f"{args.continue_steps} steps ({tokens:,} tokens) of continued pre-training with {kd} "
-        f"and dynamic batch loading"
+        f"recipe: importance on {samples} x {seq} tokens; {cut}; {steps} steps "
+        f"({steps * batch * seq:,} tokens) of continued pre-training with {kd} and dynamic "
+        "batch loading"
     )
     if args.prune_steps > 0:
-        last_prune = read_events(str(out / "prune"), "prune")[-1]
+        last_prune = read_events(str(out / "runs" / "prune"), "prune")[-1]
         sparsity = ", ".join(
             f"{k} {last_prune[f'expected_sparsity/{k}']:.2f}/"
             f"{last_prune[f'target_sparsity/{k}']:.2f}"
@@ -233,10 +232,12 @@ def main(argv: list[str] | None = None) -> int:
             if f"expected_sparsity/{k}" in last_prune
         )
         print(f"expected / target sparsity after {last_prune['step']} pruning steps: {sparsity}")
+    rows = {"reference": "source", "prune": "pruned (masked)", "finalize": "cut", "cut": "cut",
+            "continue": "sheared"}  # fmt: skip
+    losses = {rows[stage]: row for stage, row in job.losses.items()}
     names = list(losses["source"])
-    print(
-        f"\nper-domain validation loss ({args.eval_sequences} x {args.seq_length} tokens per domain)"
-    )
+    eval_sequences = args.eval_sequences or recipe.data.eval_sequences
+    print(f"\nper-domain validation loss ({eval_sequences} x {seq} tokens per domain)")
     print(f"{'stage':<16}" + "".join(f"{n:>14}" for n in names) + f"{'mean':>9}")
     for stage, row in losses.items():
         mean = sum(row.values()) / len(row)
@@ -251,17 +252,10 @@ def main(argv: list[str] | None = None) -> int:
             f"({kept:.0%} of the source's accuracy above chance); acc_norm "
             f"{d['source']['acc_norm']:.3f} and {d['sheared']['acc_norm']:.3f}"
         )
-    print("\nfinal domain weights: " + ", ".join(f"{k} {v:.3f}" for k, v in final_weights.items()))
-    print(
-        "\nstage times (s): "
-        + ", ".join(f"{k} {v:.0f}" for k, v in demo.times.items())
-        + f"; total {wall:.0f} (wall; convert || preprocess and plots || export overlap)"
-    )
-    print(f"\ntransformers, greedy, {args.new_tokens} new tokens:")
-    print(f"  source:  {generated['source']!r}")
-    print(f"  sheared: {generated['sheared']!r}")
-    print(f"plots: {out}/*/plots/*.png")
-    return 0
+    cont = out / "runs" / "continue"
+    updates = read_events(str(cont), "domain_update") if cont.is_dir() else []
+    weights = updates[-1]["weights"] if updates else {}
+    print("\nfinal domain weights: " + ", ".join(f"{k} {v:.3f}" for k, v in weights.items()))
 
 
 # transformers alone: greedy samples from the export and the source, and the export's size

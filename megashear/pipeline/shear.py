@@ -184,6 +184,7 @@ class ShearJob:
             )
         plan.append(Stage("preprocess", data_inputs, self._preprocess, [self.out / "data"]))
         ref = _keys("reference", {"method": r.reference.method, "points": _abs(r.reference.points)})
+        ref["source"] = _abs(r.source)  # a megashear source has no convert stage
         if r.reference.method == "fit":
             ref.update(_keys("target", r.target_fields()))
         plan.append(Stage("reference", ref, self._reference, [], self._losses_line))

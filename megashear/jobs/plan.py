@@ -47,15 +47,9 @@ def load_shape(name: str, what: str) -> ModelConfig:
 def resolve_target(cfg: PlanConfig, source: ModelConfig) -> ModelConfig | None:
     """The target shape (None: no target given) from ``cfg.target`` and the ``target_*``
     fields, as ``megashear prune`` builds it (:func:`megashear.pruning.targets.make_target`)."""
-    from megashear.pruning.targets import TARGET_PRESETS, make_target
+    from megashear.pruning.targets import TARGET_FIELDS, TARGET_PRESETS, make_target
 
-    fields = {
-        "num_layers": cfg.target_num_layers,
-        "hidden_size": cfg.target_hidden_size,
-        "num_attention_heads": cfg.target_num_attention_heads,
-        "num_query_groups": cfg.target_num_query_groups,
-        "ffn_hidden_size": cfg.target_ffn_hidden_size,
-    }
+    fields = {f: getattr(cfg, f"target_{f}") for f in TARGET_FIELDS}
     preset = ""
     if cfg.target in TARGET_PRESETS:
         preset = cfg.target

@@ -124,6 +124,14 @@ def _mean(losses: dict[str, float]) -> float:
     return sum(losses.values()) / max(1, len(losses))
 
 
+def _cpus() -> int:
+    """The CPUs this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def _abs(path: str) -> str:
     return os.path.abspath(path) if path else ""
 
@@ -134,7 +142,7 @@ class ShearJob:
     def __init__(self, recipe: Recipe, report: Callable[[str], None] | None = None) -> None:
         self.recipe = r = recipe
         self.out = Path(r.output).resolve()
-        self.threads = r.threads or os.cpu_count() or 1
+        self.threads = r.threads or _cpus()
         self.runner = StageRunner(self.out, threads=self.threads, report=report)
         self.stages = ShearStages(
             self.runner, r.data.seq_length, r.data.eval_sequences, self.out / "index_cache"

@@ -266,8 +266,9 @@ class ShearStages:
         cfg.data.cache_dir = str(self.index_cache)
         cfg.data.eval_split = split
         cfg.data.write_reference = write_reference
-        cfg.train.micro_batch_size = min(8, n)
-        cfg.train.global_batch_size = min(8, n) * max(1, nproc // (tp * pp))
+        dp = max(1, nproc // (tp * pp))
+        cfg.train.micro_batch_size = max(1, min(8, n // dp))
+        cfg.train.global_batch_size = cfg.train.micro_batch_size * dp
         cfg.parallel.tp, cfg.parallel.pp = tp, pp
         cfg.logging.dir = str(where)
         dump_yaml(cfg, str(where / "config.yaml"))
@@ -355,7 +356,7 @@ class ShearStages:
             f"--checkpoint.load={load}",
             *self._common(manifest),
             f"--importance.samples={samples}",
-            f"--train.micro_batch_size={min(8, samples)}",
+            f"--train.micro_batch_size={max(1, min(8, samples // max(1, nproc // (tp * pp))))}",
             f"--logging.dir={self.runner.out / 'eval' / stage}",
             *layout_flags(tp, pp),
             *extra,

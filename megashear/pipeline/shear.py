@@ -495,17 +495,18 @@ class ShearJob:
     def _run_stage(self, stage: Stage) -> None:
         records = self.out / RECORDS
         started = records / f"{stage.name}.started.json"
-        if started.is_file():
-            before = json.loads(started.read_text())
-            if before["fingerprint"] != stage.fingerprint:
+        before = json.loads(started.read_text()) if started.is_file() else None
+        if before is not None and before["fingerprint"] == stage.fingerprint:
+            logger.info("%s: resuming an unfinished run", stage.name)
+        else:
+            # outputs of other inputs, or of no run of this job: never resumed from
+            if before is not None:
                 logger.info("%s: inputs changed since it started; starting again", stage.name)
-                for path in stage.outputs:
-                    if path.is_dir():
-                        shutil.rmtree(path)
-                    elif path.exists():
-                        path.unlink()
-            else:
-                logger.info("%s: resuming an unfinished run", stage.name)
+            for path in stage.outputs:
+                if path.is_dir():
+                    shutil.rmtree(path)
+                elif path.exists():
+                    path.unlink()
         write_json_atomic(started, {"fingerprint": stage.fingerprint, "inputs": stage.inputs})
         start = time.time()
         result: dict = {}

@@ -41,7 +41,9 @@ class ParallelConfig:
     """Virtual pipeline chunks per pipeline rank for the interleaved schedule (megatron-core
     virtual_pipeline_model_parallel_size); null: none. Needs pp >= 2; not for pruning."""
     sequence_parallel: bool = False
-    """Megatron sequence parallelism (--sequence-parallel) over the TP group; needs CUDA."""
+    """Megatron sequence parallelism (--sequence-parallel): the [s, b, h] activations between
+    attention and MLP (norms, residual stream, the masks on them) are split over the sequence
+    on each TP rank; needs tp >= 2."""
     use_distributed_optimizer: bool = False
     """Shard the optimizer state over data-parallel ranks (megatron
     --use-distributed-optimizer)."""

@@ -81,12 +81,12 @@ def check_run_config(cfg: RunConfig, command: str, cuda: bool) -> None:
         fail("train.signal_exit_code", cfg.train.signal_exit_code, "must be an exit code, 0-255")
     if cfg.train.min_lr > cfg.train.lr and command in ("train", "prune"):
         fail("train.min_lr", cfg.train.min_lr, f"must not exceed train.lr = {cfg.train.lr}")
-    if command == "prune" and cfg.parallel.sequence_parallel:
+    if cfg.parallel.sequence_parallel and cfg.parallel.tp < 2:
         fail(
             "parallel.sequence_parallel",
             True,
-            "is not supported when pruning (the masked RMSNorm weights are not marked for "
-            "sequence parallelism, so their gradients would skip the TP all-reduce)",
+            f"needs parallel.tp >= 2 (it splits the sequence over the TP group; tp is "
+            f"{cfg.parallel.tp})",
         )
     _check_recompute(cfg, fail)
     if cfg.train.bf16 and not cuda:

@@ -38,9 +38,12 @@ def torchrun(
     worker: Path = DIST_WORKER,
     timeout: float = 900,
     env: dict[str, str] | None = None,
+    launcher: bool = True,
 ) -> dict:
     """Run ``plan`` on ``nproc`` CPU ranks (``env``: extra environment variables); return rank
-    0's results (raises on failure)."""
+    0's results (raises on failure). ``launcher=False`` with one rank runs the worker as a plain
+    process, a world of one on a free port (:func:`megashear.parallel.init_distributed`),
+    without torchrun's start-up and shut-down."""
     workdir.mkdir(parents=True, exist_ok=True)
     plan_path = workdir / f"plan_{worker.stem}_{nproc}.pt"
     out_path = workdir / f"out_{worker.stem}_{nproc}.pt"
@@ -53,10 +56,10 @@ def torchrun(
         "torch.distributed.run",
         "--standalone",
         f"--nproc_per_node={nproc}",
-        str(worker),
-        str(plan_path),
-        str(out_path),
     ]
+    if nproc == 1 and not launcher:
+        cmd = [sys.executable]
+    cmd += [str(worker), str(plan_path), str(out_path)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-60:])

@@ -32,7 +32,12 @@ def resolved(argv: list[str]) -> RunConfig:
         ("train", ["--train.clip_grad=-1"], "'train.clip_grad': must be a finite number, 0 or"),
         ("train", ["--train.min_lr=1"], "'train.min_lr': must not exceed train.lr"),
         ("train", ["--train.bf16=true"], "'train.bf16': needs CUDA"),
-        ("prune", ["--parallel.sequence_parallel=true"], "is not supported when pruning"),
+        ("prune", ["--parallel.sequence_parallel=true"], "'parallel.sequence_parallel': needs"),
+        (
+            "train",
+            ["--parallel.sequence_parallel=true", "--parallel.tp=1"],
+            "'parallel.sequence_parallel': needs parallel.tp >= 2",
+        ),
         (
             "evaluate",
             ["--data.manifest=m.yaml", "--data.eval_sequences_per_domain=0"],

@@ -27,6 +27,18 @@ from megashear.models.llama import validate_layout
         ),
         (get_preset("tiny-mha"), ParallelConfig(vpp=2), 1, "need pp >= 2"),
         (get_preset("tiny-mha"), ParallelConfig(pp=2, vpp=4), 2, "pp=2 x vpp=4"),
+        (
+            get_preset("tiny-mha"),
+            ParallelConfig(sequence_parallel=True),
+            1,
+            "sequence_parallel needs tp >= 2",
+        ),
+        (
+            ModelConfig(seq_length=33),
+            ParallelConfig(tp=2, sequence_parallel=True),
+            2,
+            "seq_length=33 is not divisible by tensor parallel size 2",
+        ),
     ],
 )
 def test_bad_layouts_are_refused(cfg, par, world, message):

@@ -3,7 +3,9 @@
 The model is megatron-core's ``GPTModel`` with RMSNorm, SwiGLU, rotary embeddings
 (non-interleaved, HF order), grouped-query attention and no biases. The layer spec is
 megatron-core's own: the TransformerEngine spec when TE imports, else the local spec with
-:class:`SDPACoreAttention` as its core attention.
+:class:`SDPACoreAttention` as its core attention and megashear's :class:`RMSNorm` as every norm
+(the final one too), which runs under sequence parallelism where megatron-core's torch norm
+refuses it.
 
 - Tied embeddings use megatron-core's ``share_embeddings_and_output_weights``: under pipeline
   parallelism the last stage holds a copy of the embedding whose gradient megatron-core
@@ -77,8 +79,16 @@ def validate_layout(cfg: ModelConfig, par: ParallelConfig, world_size: int) -> N
         )
     if par.vpp is not None and par.pp < 2:
         raise ValueError("virtual pipeline stages (vpp) need pp >= 2")
-    if par.sequence_parallel and not platform.cuda_available():
-        raise ValueError("sequence_parallel needs CUDA (megatron's torch norm refuses it on CPU)")
+    if par.sequence_parallel and par.tp < 2:
+        raise ValueError(
+            f"sequence_parallel needs tp >= 2 (it splits the sequence over the TP group), "
+            f"got tp={par.tp}"
+        )
+    if par.sequence_parallel and cfg.seq_length % par.tp:
+        raise ValueError(
+            f"seq_length={cfg.seq_length} is not divisible by tensor parallel size {par.tp} "
+            f"(sequence_parallel splits the sequence over the TP group)"
+        )
 
 
 def build_transformer_config(
@@ -130,8 +140,30 @@ def build_transformer_config(
     )
 
 
+class RMSNorm(torch.nn.Module):
+    """The RMSNorm leaf of the local spec: torch's fused ``rms_norm`` over ``h`` of
+    ``[s, b, h]`` (``[s/tp, b, h]`` under sequence parallelism), weight ``[h]``.
+
+    It stands in for megatron-core's ``WrappedTorchNorm`` (the same ``weight`` key and values),
+    which asserts ``not config.sequence_parallel``. Under sequence parallelism each TP rank
+    normalises its own ``s/tp`` tokens, so the weight is marked ``sequence_parallel``: megatron-
+    core's ``finalize_model_grads`` then sums its gradient over the TP group.
+    """
+
+    def __init__(self, config, hidden_size: int, eps: float = 1e-5, **kwargs) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype))
+        self.eps = eps
+        if config.sequence_parallel:
+            self.weight.sequence_parallel = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
 def layer_spec(use_te: bool | None = None):
-    """megatron-core's LLaMA layer spec: TE's on GPU when importable, else local + SDPA."""
+    """megatron-core's LLaMA layer spec: TE's on GPU when importable, else local + SDPA with
+    :class:`RMSNorm` as its norms."""
     if use_te is None:
         use_te = te_available()
     if use_te:
@@ -146,7 +178,28 @@ def layer_spec(use_te: bool | None = None):
 
     spec = get_gpt_layer_local_spec(normalization="RMSNorm")
     spec.submodules.self_attention.submodules.core_attention = SDPACoreAttention
+    spec.submodules.input_layernorm = RMSNorm
+    spec.submodules.pre_mlp_layernorm = RMSNorm
     return spec
+
+
+def block_spec(tconfig, spec, vp_stage: int | None = None):
+    """The decoder spec of one chunk: a layer spec whose norms are :class:`RMSNorm` (or a
+    subclass) becomes a block spec whose final norm is that class too (megatron-core would build
+    its torch norm there); a TE layer spec or a block spec is returned as it is."""
+    from megatron.core.transformer.spec_utils import ModuleSpec
+    from megatron.core.transformer.transformer_block import (
+        TransformerBlockSubmodules,
+        get_num_layers_to_build,
+    )
+
+    if not isinstance(spec, ModuleSpec):
+        return spec
+    norm = spec.submodules.input_layernorm
+    if not (isinstance(norm, type) and issubclass(norm, RMSNorm)):
+        return spec
+    n_local = get_num_layers_to_build(tconfig, vp_stage=vp_stage)
+    return TransformerBlockSubmodules(layer_specs=[spec] * n_local, layer_norm=norm)
 
 
 def build_model_chunk(
@@ -163,9 +216,10 @@ def build_model_chunk(
     kwargs = {}
     if vp_stage is not None:
         kwargs["vp_stage"] = vp_stage
+    spec = block_spec(tconfig, spec if spec is not None else layer_spec(), vp_stage)
     chunk = GPTModel(
         config=tconfig,
-        transformer_layer_spec=spec if spec is not None else layer_spec(),
+        transformer_layer_spec=spec,
         vocab_size=cfg.padded_vocab_size,
         max_sequence_length=cfg.seq_length,
         pre_process=pre_process,

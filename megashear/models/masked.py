@@ -31,6 +31,12 @@ kind               local shape     tensor parallel                     pipeline 
 length from a generator keyed on (seed, iteration, global micro-batch, global layer, kind) and
 then sliced, so the sampled masks are the same for every TP/PP/DP layout.
 
+Under sequence parallelism the ``[s, b, h]`` activations above (embedding, norm and projection
+outputs) are ``[s/tp, b, h]`` on each TP rank; the masks are the same ``[h]`` / per-layer
+values on every rank (the noise does not depend on the TP rank), and the log α of ``hidden``,
+``head_layer``, ``mlp`` and ``layer`` and every norm weight are marked ``sequence_parallel``, so
+that megatron-core sums their gradients over the TP group.
+
 Virtual pipeline stages are not supported with masks (a rank would hold two replicas of the
 hidden mask).
 """
@@ -42,12 +48,17 @@ import logging
 import torch
 from torch import nn
 
+from megashear.models.llama import RMSNorm
 from megashear.pruning import hard_concrete as hc
 
 logger = logging.getLogger(__name__)
 
 ALL_KINDS = hc.ALL_KINDS
 HIDDEN_LAYER_KEY = -1  # the "global layer" of the hidden mask in the noise key
+# Kinds whose masks scale the [s, b, h] activations (the embedding, norm and projection outputs),
+# which sequence parallelism splits to [s/tp, b, h]; head and intermediate scale TP-split
+# [s, b, np*hn] / [s, b, f/tp] inputs of the full sequence.
+SEQUENCE_REGION_KINDS = ("hidden", "head_layer", "mlp", "layer")
 
 
 class MaskBank(nn.Module):
@@ -62,6 +73,10 @@ class MaskBank(nn.Module):
         init_mean: mean of the log α initialisation (docs/method.md §2: N(5, 0.01)).
         pinned_hidden: hidden channels whose training sample is always exactly 1 (the pinned
             massive-activation channels, docs/method.md §8).
+        sequence_parallel: the model runs with megatron's sequence parallelism; the kinds that
+            scale sequence-split activations ``[s/tp, b, h]`` (:data:`SEQUENCE_REGION_KINDS`)
+            mark their log α ``sequence_parallel``, so that megatron-core sums their gradients
+            over the TP group (each rank sees ``s/tp`` tokens of them).
     """
 
     def __init__(
@@ -77,6 +92,7 @@ class MaskBank(nn.Module):
         seed: int = 0,
         init_mean: float = hc.INIT_MEAN,
         pinned_hidden: list[int] | tuple[int, ...] = (),
+        sequence_parallel: bool = False,
     ) -> None:
         super().__init__()
         unknown = set(kinds) - set(ALL_KINDS)
@@ -98,6 +114,8 @@ class MaskBank(nn.Module):
                 param.tensor_model_parallel = True
                 param.partition_dim = 1
                 param.partition_stride = 1
+            elif sequence_parallel and kind in SEQUENCE_REGION_KINDS:
+                param.sequence_parallel = True
             self.register_parameter(f"{kind}_log_alpha", param)
         self.z: dict[str, torch.Tensor] | None = None
         self.pinned_hidden = sorted(int(i) for i in pinned_hidden)
@@ -245,13 +263,9 @@ def masked_rms_norm(
     return torch.nn.functional.rms_norm(x * keep, (h,), scale, eps * float(frac))
 
 
-class MaskedRMSNorm(nn.Module):
-    """RMSNorm leaf (same ``weight`` key as megatron's torch norm) that honours the hidden mask."""
-
-    def __init__(self, config, hidden_size: int, eps: float = 1e-5, **kwargs) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype))
-        self.eps = eps
+class MaskedRMSNorm(RMSNorm):
+    """:class:`~megashear.models.llama.RMSNorm` (same ``weight [h]``, marked for sequence
+    parallelism likewise) that honours the hidden mask on ``[s, b, h]`` (``[s/tp, b, h]``)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bank = _bank_of(self)

@@ -28,8 +28,7 @@ class PlanLayoutConfig:
     use_distributed_optimizer: bool | None = None
     """Shard the optimizer state over DP (megatron --use-distributed-optimizer); null: both."""
     sequence_parallel: bool | None = None
-    """Megatron sequence parallelism over TP (needs tp >= 2); null: both for train, off for
-    prune."""
+    """Megatron sequence parallelism over TP (needs tp >= 2); null: both."""
     recompute_granularity: Literal["none", "selective", "full"] | None = None
     """Activation recomputation (megatron --recompute-granularity): none, selective (core
     attention) or full (whole layers); null: all three."""

@@ -503,7 +503,7 @@ def candidate_layouts(
             vpps: list[int | None] = [None]
             if pp > 1 and work.job != "prune":
                 vpps += [v for v in (2, 4) if cfg.num_layers % (pp * v) == 0]
-            sps = [False, True] if tp > 1 and work.job != "prune" else [False]
+            sps = [False, True] if tp > 1 else [False]
             if fixed.get("sequence_parallel"):
                 sps = [True]
             recomputes: list[tuple[str, str | None, int | None]] = [

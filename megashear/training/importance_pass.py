@@ -17,7 +17,10 @@ statistic         local layout                made whole
 ================  ==========================  ===============================================
 
 Every rank of the DP group sees its own slice of the samples, every TP rank the same samples,
-so the scores are the same for every layout (to float rounding of the forward pass).
+so the scores are the same for every layout (to float rounding of the forward pass). Under
+sequence parallelism a norm's output and a layer's input and output are ``[s/tp, b, h]``: the
+norm outputs are all-gathered over TP before their statistic (a mean over ``s``), and the
+block sums and token counts of ``layer`` are summed over TP too.
 """
 
 from __future__ import annotations
@@ -42,8 +45,11 @@ def _gpt(chunk: torch.nn.Module) -> torch.nn.Module:
 class _Collector:
     """The hooks of every chunk of this rank and the sums they fill, keyed by global layer."""
 
-    def __init__(self, chunks: list[torch.nn.Module], head_dim: int) -> None:
+    def __init__(
+        self, chunks: list[torch.nn.Module], head_dim: int, sequence_parallel: bool = False
+    ) -> None:
         self.head_dim = head_dim
+        self.sequence_parallel = sequence_parallel
         self.head: dict[int, torch.Tensor] = {}
         self.intermediate: dict[int, torch.Tensor] = {}
         self.layer: dict[int, torch.Tensor] = {}
@@ -66,6 +72,10 @@ class _Collector:
         self.hidden.append(None)
 
         def hook(module, args, output):
+            if self.sequence_parallel:  # [s/tp, b, h] -> [s, b, h]
+                from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
+
+                output = gather_from_sequence_parallel_region(output)
             sq = imp.channel_statistic(output).double().pow(2).sum(0)  # [h]
             prev = self.hidden[slot]
             self.hidden[slot] = sq if prev is None else prev + sq
@@ -89,7 +99,7 @@ class _Collector:
             seen["in"] = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
 
         def layer_output(module, args, kwargs, output):
-            x_in, x_out = seen.pop("in"), output[0]  # [s, b, h]
+            x_in, x_out = seen.pop("in"), output[0]  # [s, b, h] ([s/tp, b, h] under SP)
             self._add(self.layer, index, imp.block_statistic(x_in, x_out))
             tokens = torch.tensor(float(x_in.shape[0] * x_in.shape[1]))
             self._add(self.tokens, index, tokens)
@@ -147,9 +157,8 @@ def calibrate(trainer, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     from megatron.core import parallel_state as ps
 
     cfg = trainer.model_cfg
-    if trainer.par.sequence_parallel:
-        raise ValueError("importance does not support sequence parallelism (norm outputs split)")
-    collector = _Collector(trainer.model, cfg.head_dim)
+    sp = trainer.par.sequence_parallel
+    collector = _Collector(trainer.model, cfg.head_dim, sp)
     try:
         trainer.run_schedule_eval(batch)
     finally:
@@ -163,8 +172,10 @@ def calibrate(trainer, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     intermediate = _rows(collector.intermediate, L, f, tp_rank * (f // tp))
     head = _all_reduce(head, tp_group, pp_group, dp_group)
     intermediate = _all_reduce(intermediate, tp_group, pp_group, dp_group)
-    layer = _all_reduce(_rows(collector.layer, L, None), pp_group, dp_group)
-    tokens = _all_reduce(_rows(collector.tokens, L, None), pp_group, dp_group)
+    # under SP each TP rank holds the block sums and token counts of its s/tp tokens
+    token_groups = (tp_group, pp_group, dp_group) if sp else (pp_group, dp_group)
+    layer = _all_reduce(_rows(collector.layer, L, None), *token_groups)
+    tokens = _all_reduce(_rows(collector.tokens, L, None), *token_groups)
     norms = [h for h in collector.hidden if h is not None]
     hidden = torch.zeros(len(norms), cfg.hidden_size, dtype=torch.float64)
     for i, h in enumerate(norms):

@@ -132,6 +132,7 @@ class PruningTrainer(Trainer):
                 seed=self.pcfg.seed,
                 init_mean=self.pcfg.log_alpha_init_mean,
                 pinned_hidden=self.pinned_hidden,
+                sequence_parallel=self.par.sequence_parallel,
             ).to(next(chunk.parameters()).device)
             if self.init_log_alpha is not None:
                 bank.load_full_log_alpha({k: self.init_log_alpha[k] for k in self.kinds})

@@ -135,10 +135,27 @@ def test_killed_while_pruning_resumes_to_the_same_losses(finished, source):
 
     # a changed recipe for a finished stage is refused in one line; nothing is touched
     before = sorted(p.stat().st_mtime_ns for p in (out / "stages").iterdir())
-    changed = run(shear(out, source, "--continuation.steps=5"))
-    assert changed.returncode == 2 and changed.stderr.count("error:") == 1
-    assert "stage continue finished" in changed.stderr and "continuation.steps" in changed.stderr
+    code, err = in_process(shear(out, source, "--continuation.steps=5"))
+    assert code == 2 and err.count("error:") == 1
+    assert "stage continue finished" in err and "continuation.steps" in err
     assert sorted(p.stat().st_mtime_ns for p in (out / "stages").iterdir()) == before
+
+
+def in_process(cmd: list[str]) -> tuple[int, str]:
+    """``megashear ...`` run in this process (for the errors before any stage starts):
+    the exit code and what went to stderr."""
+    import contextlib
+    import io
+
+    from megashear.cli import main
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        try:
+            code = main(cmd[3:])
+        except SystemExit as exc:  # argparse's errors
+            code = exc.code
+    return code, err.getvalue()
 
 
 def test_bad_recipe_is_one_line_and_writes_nothing(tmp_path, source):
@@ -150,13 +167,16 @@ def test_bad_recipe_is_one_line_and_writes_nothing(tmp_path, source):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "pruning_steps" in lines[0]
     assert not out.exists()
-    # a bad value, and a recipe the job could not run
+    # a bad value, and recipes the job could not run
     for extra, words in (
         (["--pruning.method=cut"], "pruning.method"),
         (["--continuation.lr=-1"], "continuation.lr"),
         (["--data.inputs=[]"], "data.inputs"),
-    ):
-        proc = run(shear(out, source, *extra))
-        lines = proc.stderr.strip().splitlines()
-        assert proc.returncode == 2 and len(lines) == 1 and words in lines[0], proc.stderr
-        assert not out.exists()
+        (["--target.num_layers=null", "--target.hidden_size=null", "--target.ffn_hidden_size=null",
+          "--target.num_attention_heads=null", "--target.num_query_groups=null"], "no target"),
+        ([f"--tokenizer={tmp_path / 'missing'}"], "tokenizer"),
+    ):  # fmt: skip
+        code, err = in_process(shear(out, source, *extra))
+        lines = [ln for ln in err.strip().splitlines() if not ln[:4].isdigit()]  # no log lines
+        assert code == 2 and len(lines) == 1 and words in lines[0], err
+        assert lines[0].startswith("error: ") and not out.exists()

@@ -180,3 +180,18 @@ def test_bad_recipe_is_one_line_and_writes_nothing(tmp_path, source):
         lines = [ln for ln in err.strip().splitlines() if not ln[:4].isdigit()]  # no log lines
         assert code == 2 and len(lines) == 1 and words in lines[0], err
         assert lines[0].startswith("error: ") and not out.exists()
+
+
+def test_a_failing_stage_is_one_line_and_unrecorded(tmp_path, source):
+    """A stage whose process fails ends the job with one ``error:`` line naming its log (exit
+    code 1), after the log's tail; it leaves no record, so a rerun does it again."""
+    broken = tmp_path / "broken_hf"
+    shutil.copytree(source, broken)
+    (broken / "model.safetensors").write_bytes(b"not safetensors")
+    out = tmp_path / "out"
+    proc = run(shear(out, broken))
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: stage convert failed") and "logs/convert.log" in last
+    assert not (out / "stages" / "convert.json").exists()
+    assert (out / "stages" / "convert.started.json").is_file()

@@ -609,6 +609,5 @@ def run(recipe: Recipe) -> int | None:
         logger.error("the end of %s:\n%s", exc.log, exc.tail)
         sys.stderr.write(f"error: {exc}\n")
         return 1
-    if job.recipe.output:
-        job.runner.say(f"done: {result['hf'] or job.out}")
+    job.runner.say(f"done: {result['hf'] or job.out}")
     return None

@@ -209,6 +209,28 @@ def test_mask_bank_shards_sample_the_full_masks(tp, stages):
     assert not torch.equal(other.z["head"], full.z["head"])
 
 
+@pytest.mark.parametrize("tp,stages", [(2, 1), (4, 2)])
+def test_initial_log_alpha_is_the_same_at_every_layout(tp, stages):
+    """The paper's N(5, 0.01) start is drawn at full size from (seed, kind): each TP rank and
+    pipeline chunk holds its slice of what one unsharded bank draws; another seed differs."""
+    from megashear.models.masked import MaskBank
+
+    kinds = ("hidden", "head", "intermediate", "head_layer", "mlp", "layer")
+    sizes = dict(hidden_size=16, num_heads=8, ffn_hidden_size=24, num_layers=4)
+    full = MaskBank(kinds, **sizes, layer_numbers=list(range(4)), seed=3)
+    want = {k: full.log_alpha(k).detach() for k in kinds}
+    assert abs(float(want["intermediate"].mean()) - hc.INIT_MEAN) < 0.01
+    per_stage = 4 // stages
+    for stage in range(stages):
+        layers = list(range(stage * per_stage, (stage + 1) * per_stage))
+        for rank in range(tp):
+            bank = MaskBank(kinds, **sizes, layer_numbers=layers, tp_rank=rank, tp_size=tp, seed=3)
+            for kind, value in bank.local_slices(want).items():
+                assert torch.equal(bank.log_alpha(kind).detach(), value), (kind, rank, stage)
+    other = MaskBank(kinds, **sizes, layer_numbers=list(range(4)), seed=4)
+    assert not torch.equal(other.log_alpha("head").detach(), want["head"])
+
+
 def test_noise_differs_across_keys():
     base = (1, 2, 3, 4, "head")
     ref = hc.mask_noise(*base, 64)

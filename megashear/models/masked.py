@@ -107,7 +107,7 @@ class MaskBank(nn.Module):
             hidden_size, num_heads // tp_size, ffn_hidden_size // tp_size, len(layer_numbers)
         )
         for kind in self.kinds:
-            param = nn.Parameter(hc.init_log_alpha(shapes[kind], mean=init_mean))
+            param = nn.Parameter(torch.empty(shapes[kind]))
             param.mask_kind = kind
             if kind in ("head", "intermediate"):
                 # megatron's grad-norm and optimizer treat it like a TP-split weight.
@@ -117,6 +117,7 @@ class MaskBank(nn.Module):
             elif sequence_parallel and kind in SEQUENCE_REGION_KINDS:
                 param.sequence_parallel = True
             self.register_parameter(f"{kind}_log_alpha", param)
+        self.load_full_log_alpha(self.initial_log_alpha(num_layers, init_mean))
         self.z: dict[str, torch.Tensor] | None = None
         self.pinned_hidden = sorted(int(i) for i in pinned_hidden)
         if self.pinned_hidden and "hidden" not in self.kinds:
@@ -124,6 +125,19 @@ class MaskBank(nn.Module):
         pinned = torch.zeros(hidden_size, dtype=torch.bool)
         pinned[self.pinned_hidden] = True
         self.register_buffer("_pinned", pinned, persistent=False)
+
+    def initial_log_alpha(self, num_layers: int, mean: float) -> dict[str, torch.Tensor]:
+        """The full initial log α of every kind (``hidden [h]``, ``head [L, a]``, ...), drawn
+        from N(mean, 0.01) by a generator keyed on (seed, kind) alone: every TP / PP layout
+        starts from the same values, each rank keeping its share."""
+        shapes = hc.log_alpha_shapes(
+            self.full["hidden"], self.full["head"], self.full["intermediate"], num_layers
+        )
+        out = {}
+        for kind in self.kinds:
+            gen = torch.Generator().manual_seed(self.seed * len(ALL_KINDS) + ALL_KINDS.index(kind))
+            out[kind] = hc.init_log_alpha(shapes[kind], mean=mean, generator=gen)
+        return out
 
     @torch.no_grad()
     def load_full_log_alpha(self, full: dict[str, torch.Tensor]) -> None:

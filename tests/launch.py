@@ -38,11 +38,11 @@ def torchrun(
     worker: Path = DIST_WORKER,
     timeout: float = 900,
     env: dict[str, str] | None = None,
-    launcher: bool = True,
+    launcher: bool | None = None,
 ) -> dict:
     """Run ``plan`` on ``nproc`` CPU ranks (``env``: extra environment variables); return rank
-    0's results (raises on failure). ``launcher=False`` with one rank runs the worker as a plain
-    process, a world of one on a free port (:func:`megashear.parallel.init_distributed`),
+    0's results (raises on failure). One rank runs the worker as a plain process (unless
+    ``launcher=True``), a world of one on a free port (:func:`megashear.parallel.init_distributed`),
     without torchrun's start-up and shut-down."""
     workdir.mkdir(parents=True, exist_ok=True)
     plan_path = workdir / f"plan_{worker.stem}_{nproc}.pt"
@@ -57,7 +57,7 @@ def torchrun(
         "--standalone",
         f"--nproc_per_node={nproc}",
     ]
-    if nproc == 1 and not launcher:
+    if nproc == 1 and not launcher:  # None or False
         cmd = [sys.executable]
     cmd += [str(worker), str(plan_path), str(out_path)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)

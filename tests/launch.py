@@ -76,3 +76,17 @@ def prune_torchrun(
 ) -> dict:
     """:func:`torchrun` with ``tests/prune_worker.py``."""
     return torchrun(nproc, plan, workdir, PRUNE_WORKER, timeout, env)
+
+
+def serve_plan(run_job) -> None:
+    """The worker side of :func:`torchrun` for a test module that is its own worker: run every
+    job of the plan file ``argv[1]`` with ``run_job``; rank 0 saves ``{name: result}`` to
+    ``argv[2]``."""
+    import torch.distributed as dist
+
+    plan = torch.load(sys.argv[1], weights_only=False)
+    results = {job["name"]: run_job(job) for job in plan}
+    if dist.get_rank() == 0:
+        torch.save(results, sys.argv[2])
+    dist.barrier()
+    dist.destroy_process_group()

@@ -127,18 +127,6 @@ def run_job(job: dict) -> dict:
     return out
 
 
-def worker_main() -> None:
-    import torch
-    import torch.distributed as dist
-
-    plan = torch.load(sys.argv[1], weights_only=False)
-    results = {job["name"]: run_job(job) for job in plan}
-    if dist.get_rank() == 0:
-        torch.save(results, sys.argv[2])
-    dist.barrier()
-    dist.destroy_process_group()
-
-
 # ---------------------------------------------------------------------------- test side
 
 
@@ -308,5 +296,8 @@ def test_distributed_optimizer_resumes_bit_exact(runs, job):
     ]
 
 
-if __name__ == "__main__":
-    worker_main()
+if __name__ == "__main__":  # a torchrun worker: tests/ is sys.path[0]
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from tests.launch import serve_plan
+
+    serve_plan(run_job)

@@ -150,18 +150,6 @@ def _checkpoint_calls(trainer) -> bool:
     return selective or trainer.tconfig.recompute_granularity == "full"
 
 
-def worker_main() -> None:
-    import torch
-    import torch.distributed as dist
-
-    plan = torch.load(sys.argv[1], weights_only=False)
-    results = {job["name"]: run_job(job) for job in plan}
-    if dist.get_rank() == 0:
-        torch.save(results, sys.argv[2])
-    dist.barrier()
-    dist.destroy_process_group()
-
-
 # ---------------------------------------------------------------------------- test side
 
 
@@ -287,5 +275,8 @@ def test_recompute_flags_reach_the_command_line():
     assert proc.stderr.strip().splitlines()[-1].startswith("error: config key 'parallel.recomp")
 
 
-if __name__ == "__main__":
-    worker_main()
+if __name__ == "__main__":  # a torchrun worker: tests/ is sys.path[0]
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from tests.launch import serve_plan
+
+    serve_plan(run_job)

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from megashear.cli import report_error
 from megashear.data.domain_dataset import stack_samples
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -171,12 +172,10 @@ def main() -> int:
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("megatron").setLevel(logging.ERROR)
     if not os.path.isdir(args.corpus):
-        print(f"error: corpus {args.corpus} does not exist", file=sys.stderr)
-        return 2
+        return report_error(ValueError(f"corpus {args.corpus} does not exist"))
     samples = args.samples // args.batch * args.batch
     if samples < args.batch:
-        print("error: --samples must be at least --batch", file=sys.stderr)
-        return 2
+        return report_error(ValueError("--samples must be at least --batch"))
 
     import warnings
 

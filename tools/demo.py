@@ -35,6 +35,7 @@ from shear_stages import corpus_files, load_fetcher  # noqa: E402
 from stage_runner import ROOT, StageRunner, last_json  # noqa: E402
 from target_sizes import TARGETS  # noqa: E402
 
+from megashear.cli import report_error  # noqa: E402
 from megashear.paths import corpus_dir  # noqa: E402
 
 PROMPT = "The history of the Roman Empire"
@@ -133,10 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     groups = target["num_query_groups"]
     if args.continue_tp > 1 and (kd_alpha > 0 or groups % args.continue_tp):
         # the teacher runs at the student's layout: SmolLM2's 3 KV groups do not split over TP2
-        print(f"error: --continue-tp {args.continue_tp} needs --kd-alpha 0 and a target whose "
-              f"KV groups it divides (SmolLM2 has 3; the target has {groups})",
-              file=sys.stderr)  # fmt: skip
-        return 2
+        return report_error(ValueError(
+            f"--continue-tp {args.continue_tp} needs --kd-alpha 0 and a target whose KV groups "
+            f"it divides (SmolLM2 has 3; the target has {groups})"))  # fmt: skip
     t_start = time.time()
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)

@@ -43,6 +43,7 @@ from shear_stages import (  # noqa: E402
 )
 from stage_runner import StageRunner  # noqa: E402
 
+from megashear.cli import report_error  # noqa: E402
 from megashear.paths import corpus_dir  # noqa: E402
 
 # what a cached rate must share with the current run to be reused
@@ -204,15 +205,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     rates = args.rate_list
     if len(rates) < 3 or len(set(rates)) != len(rates) or not all(0 < r < 1 for r in rates):
-        print("error: --rates needs three or more distinct rates in (0, 1)", file=sys.stderr)
-        return 2
+        return report_error(ValueError("--rates needs three or more distinct rates in (0, 1)"))
     held_rate = max(rates) if args.held_out is None else args.held_out
     if held_rate not in rates:
-        print(f"error: --held-out {held_rate} is not one of --rates {rates}", file=sys.stderr)
-        return 2
+        return report_error(ValueError(f"--held-out {held_rate} is not one of --rates {rates}"))
     if args.batch % args.micro_batch or args.evals < 4:
-        print("error: --batch must be a multiple of --micro-batch, --evals >= 4", file=sys.stderr)
-        return 2
+        return report_error(ValueError("--batch must be a multiple of --micro-batch, --evals >= 4"))
     t_start = time.time()
     out = Path(args.out).resolve()
     (out / "rates").mkdir(parents=True, exist_ok=True)
@@ -222,8 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.source_hf:
         hf_src = Path(args.source_hf)
         if not (hf_src / "config.json").is_file():
-            print(f"error: --source-hf {hf_src} has no config.json", file=sys.stderr)
-            return 2
+            return report_error(ValueError(f"--source-hf {hf_src} has no config.json"))
         eos = args.eos_token
     else:
         hf_src = load_fetcher().ensure_smollm2(args.cache_dir)

@@ -7,6 +7,8 @@ import argparse
 import os
 import sys
 
+from megashear.cli import report_error
+
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
@@ -14,8 +16,7 @@ def main() -> int:
     parser.add_argument("--out", help="output directory (default RUN_DIR/plots)")
     args = parser.parse_args()
     if not os.path.isfile(os.path.join(args.run_dir, "events.jsonl")):
-        print(f"error: {args.run_dir} has no events.jsonl", file=sys.stderr)
-        return 2
+        return report_error(ValueError(f"{args.run_dir} has no events.jsonl"))
     from megashear.plots import write_plots
 
     for path in write_plots(args.run_dir, args.out):

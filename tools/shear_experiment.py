@@ -62,6 +62,7 @@ from shear_stages import (  # noqa: E402
 )
 from stage_runner import StageRunner  # noqa: E402
 
+from megashear.cli import report_error  # noqa: E402
 from megashear.paths import corpus_dir  # noqa: E402
 from megashear.pruning.targets import TARGET_FIELDS  # noqa: E402
 
@@ -337,8 +338,7 @@ def markdown(results: dict) -> str:
 
 
 def fail(message: str) -> int:
-    print(f"error: {message}", file=sys.stderr)
-    return 2
+    return report_error(ValueError(message))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from shear_stages import SMOLLM2_EOS, ShearStages, cached, load_fetcher, write_text_atomic  # noqa: E402
 from stage_runner import StageRunner  # noqa: E402
 
+from megashear.cli import report_error  # noqa: E402
 from megashear.paths import corpus_dir  # noqa: E402
 
 # name -> target shape (SmolLM2-135M: 30 layers x 576, 9 heads in 3 groups, FFN 1536)
@@ -78,8 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     names = [t for t in args.targets.split(",") if t]
     if not names or set(names) - set(TARGETS):
-        print(f"error: --targets {args.targets!r}: choose from {list(TARGETS)}", file=sys.stderr)
-        return 2
+        return report_error(ValueError(f"--targets {args.targets!r}: choose from {list(TARGETS)}"))
     from megashear.evaluation.downstream_task import TaskSpec, build_task
     from megashear.evaluation.lm_eval_score import score
     from megashear.model_config import ModelConfig

@@ -17,7 +17,7 @@ import tempfile
 
 
 def main(argv: list[str] | None = None) -> int:
-    from megashear.cli import OneLineArgumentParser
+    from megashear.cli import OneLineArgumentParser, report_error
 
     parser = OneLineArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--input", nargs="+", required=True)
@@ -28,15 +28,13 @@ def main(argv: list[str] | None = None) -> int:
     for flag, value in (("--vocab-size", args.vocab_size),
                         ("--sample-bytes-per-domain", args.sample_bytes_per_domain)):  # fmt: skip
         if value < 1:
-            print(f"error: {flag} must be at least 1, got {value}", file=sys.stderr)
-            return 2
+            return report_error(ValueError(f"{flag} must be at least 1, got {value}"))
     from megashear.data.preprocess import expand_inputs
 
     try:
         files = expand_inputs(args.input)
     except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return report_error(exc)
     import sentencepiece as spm
 
     from megashear.data.preprocess import open_text
@@ -92,8 +90,7 @@ def main(argv: list[str] | None = None) -> int:
                 shuffle_input_sentence=True,
             )
         except RuntimeError as exc:  # e.g. a vocabulary smaller than the byte + character set
-            print(f"error: sentencepiece: {str(exc).splitlines()[0]}", file=sys.stderr)
-            return 2
+            return report_error(ValueError(f"sentencepiece: {exc}"))
         os.makedirs(out_dir, exist_ok=True)
         for ext in (".model", ".vocab"):
             # copied next to the output under a temporary name, then renamed (atomic)

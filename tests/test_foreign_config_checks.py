@@ -169,44 +169,31 @@ def test_model_values(change, message):
     assert isinstance(get_preset("tiny-gqa"), ModelConfig)
 
 
-def test_bad_hf_value_through_the_command_is_one_line(tmp_path, capfd):
-    """The command reports the bad value in one line, exit code 2, and writes nothing."""
-    from megashear.cli import main
-
-    (tmp_path / "hf").mkdir()
-    _hf(tmp_path / "hf", rms_norm_eps=-1.0)
-    saved = dict(os.environ)
-    try:
-        code = main(["convert", "--direction=hf-to-megatron", f"--load={tmp_path / 'hf'}",
-                     f"--save={tmp_path / 'out'}"])  # fmt: skip
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
-    assert code == 2
-    err = [ln for ln in capfd.readouterr().err.splitlines() if ln.strip()]
-    assert err[-1].startswith("error: ") and "rms_norm_eps must be a finite number" in err[-1]
-    assert sum(ln.startswith("error:") for ln in err) == 1
-    assert not (tmp_path / "out").exists()
-
-
 @pytest.mark.parametrize(
-    "bad", [{"rope_theta": 0}, {"hidden_size": 66}, {"num_key_value_heads": 3}]
+    "direction, bad, message",
+    [
+        (["--direction=hf-to-megatron"], {"rms_norm_eps": -1.0}, "rms_norm_eps must be a finite"),
+        (["hf-to-megatron"], {"rope_theta": 0}, "config.json"),
+        (["hf-to-megatron"], {"hidden_size": 66}, "config.json"),
+        (["hf-to-megatron"], {"num_key_value_heads": 3}, "config.json"),
+    ],
 )
-def test_bad_hf_value_through_the_direction_word_is_one_line(tmp_path, capfd, bad):
-    """``megashear convert hf-to-megatron``: a bad RoPE base or shape is one ``error:`` line."""
+def test_bad_hf_value_through_the_command_is_one_line(tmp_path, capfd, direction, bad, message):
+    """``megashear convert`` (the direction as a flag or as a word): a bad value (epsilon, RoPE
+    base, shape) is one ``error:`` line, exit code 2, and nothing written."""
     from megashear.cli import main
 
     (tmp_path / "hf").mkdir()
     _hf(tmp_path / "hf", **bad)
     saved = dict(os.environ)
     try:
-        code = main(["convert", "hf-to-megatron", f"--load={tmp_path / 'hf'}",
+        code = main(["convert", *direction, f"--load={tmp_path / 'hf'}",
                      f"--save={tmp_path / 'out'}"])  # fmt: skip
     finally:
         os.environ.clear()
         os.environ.update(saved)
     assert code == 2
     err = [ln for ln in capfd.readouterr().err.splitlines() if ln.strip()]
-    assert err[-1].startswith("error: ") and "config.json" in err[-1]
+    assert err[-1].startswith("error: ") and message in err[-1]
     assert sum(ln.startswith("error:") for ln in err) == 1
     assert not (tmp_path / "out").exists()

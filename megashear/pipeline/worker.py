@@ -16,13 +16,12 @@ commands check theirs. Bad input is one ``error:`` line and exit code 2.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-import os
 import sys
 
 from megashear import config_io
 from megashear.config import RunConfig
+from megashear.pipeline.runner import write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -57,12 +56,8 @@ def _is_rank0() -> bool:
 
 def write_result(path: str, value: object) -> None:
     """Rank 0 writes ``value`` as JSON to ``path`` (temporary name, then rename)."""
-    if not _is_rank0():
-        return
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(value, f, indent=1)
-    os.replace(tmp, path)
+    if _is_rank0():
+        write_json_atomic(path, value)
 
 
 TASKS = {"evaluate": evaluate}

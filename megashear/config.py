@@ -166,9 +166,10 @@ class PruningConfig:
     global_seed 17)."""
     init: Literal["paper", "importance"] = "paper"
     """Initial log alpha (docs/method.md §8): paper draws N(log_alpha_init_mean, 0.01) for every
-    unit; importance starts the units the importance cut keeps at ln 100 and the others at
-    ln 0.01 (scores from megashear importance, see importance.path), with the full target
-    sparsity from step 0 (no warm-up)."""
+    unit; importance starts the units the importance cut keeps at ln 100 and the others where
+    each kind's expected sparsity is 0.001 below its target (scores from megashear importance,
+    see importance.path), with no warm-up, and clamps log alpha to [ln 1e-4, ln 100] instead of
+    the paper's [ln 0.01, ln 100]."""
     pin_hidden: float = 0.0
     """Keep hidden channels whose importance is at least this many times the median kept
     channel's deterministically (z = 1, never sampled; massive activations, docs/method.md §8);

@@ -299,7 +299,11 @@ def test_importance_init_selects_the_importance_cut(groups, heads):
 
     from megashear.model_config import get_preset
     from megashear.pruning import hard_concrete as hc
-    from megashear.pruning.importance import importance_log_alpha, importance_masks
+    from megashear.pruning.importance import (
+        INIT_MARGIN,
+        importance_log_alpha,
+        importance_masks,
+    )
     from megashear.pruning.targets import target_sizes
 
     src = get_preset("tiny-gqa-8h")
@@ -320,9 +324,21 @@ def test_importance_init_selects_the_importance_cut(groups, heads):
         )
         for kind in kinds:
             assert torch.equal(masks[kind] != 0, cut[kind] != 0), (seed, kind)
-        # the dropped units start at the clamp's floor, the kept ones at its top
-        values = torch.tensor([hc.LOG_ALPHA_MIN, hc.LOG_ALPHA_MAX], dtype=torch.float32)
-        torch.testing.assert_close(la["hidden"].unique(), values)
+        # the kept units start at the clamp's top; the dropped ones where the expected
+        # sparsity (under the importance clamp) is INIT_MARGIN below the cut's, row by row
+        floor = hc.log_alpha_floor("importance")
+        for kind in kinds:
+            kept = cut[kind] != 0
+            assert torch.all(la[kind][kept] == hc.LOG_ALPHA_MAX), (seed, kind)
+            assert torch.all(la[kind][~kept] > floor), (seed, kind)
+            dropped_share = 1 - kept.float().sum(-1) / kept.shape[-1]
+            pruned = dropped_share > 0  # a row the cut keeps whole stays at 1 - P(keep)
+            torch.testing.assert_close(
+                hc.expected_sparsity(la[kind], floor)[pruned],
+                dropped_share[pruned] - INIT_MARGIN, atol=1e-6, rtol=0,
+            )  # fmt: skip
+        # under the paper's floor the same init could not reach the target (why it is lower)
+        assert hc.expected_sparsity(la["layer"]) < 1 - target.num_layers / src.num_layers - 0.01
 
 
 def test_pinned_channels_are_kept_at_one():

@@ -33,7 +33,7 @@ def run(cfg: RunConfig) -> dict | None:
 
         from megashear.training.pruning_trainer import PruningTrainer
 
-        pcfg = replace(cfg.pruning, kinds=pruning.kinds)
+        pcfg = replace(cfg.pruning, kinds=pruning.kinds, init=pruning.init)
         trainer = PruningTrainer(
             cfg.model,
             pruning.target,

@@ -65,6 +65,7 @@ def finalize_checkpoint(
     """
     from megashear.checkpoint.dist_stream import CheckpointReader
     from megashear.pruning.finalize import finalization_masks, plan_finalization
+    from megashear.pruning.hard_concrete import log_alpha_floor
 
     check_new_output(save, overwrite)
     world = int(os.environ.get("WORLD_SIZE", "1"))  # no process group: the files are read as such
@@ -83,7 +84,8 @@ def finalize_checkpoint(
         )
     try:
         pinned = list(pruning.pinned_hidden)
-        masks = finalization_masks(log_alpha, source, target, pinned_hidden=pinned)
+        floor = log_alpha_floor(pruning.init)
+        masks = finalization_masks(log_alpha, source, target, pinned_hidden=pinned, floor=floor)
         plan = plan_finalization(source, masks, target)
     except ValueError as exc:
         raise CheckpointError(f"{reader.dir} cannot be finalised: {exc}") from None

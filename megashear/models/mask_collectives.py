@@ -43,7 +43,7 @@ def expected_sparsity(bank: MaskBank) -> dict[str, torch.Tensor]:
     pp_rank = ps.get_pipeline_model_parallel_rank()
     out = {}
     for kind in bank.kinds:
-        keep = hc.keep_probability(bank.log_alpha(kind))
+        keep = hc.keep_probability(bank.log_alpha(kind), bank.log_alpha_min)
         if kind == "hidden":
             kept = keep.sum() if pp_rank == 0 else keep.sum().detach()
             out[kind] = 1 - kept / bank.full[kind]

@@ -77,6 +77,8 @@ class MaskBank(nn.Module):
             scale sequence-split activations ``[s/tp, b, h]`` (:data:`SEQUENCE_REGION_KINDS`)
             mark their log α ``sequence_parallel``, so that megatron-core sums their gradients
             over the TP group (each rank sees ``s/tp`` tokens of them).
+        log_alpha_min: the clamp's floor (:func:`~megashear.pruning.hard_concrete.
+            log_alpha_floor`: the paper's ln 0.01, or ln 1e-4 for importance-initialised masks).
     """
 
     def __init__(
@@ -93,6 +95,7 @@ class MaskBank(nn.Module):
         init_mean: float = hc.INIT_MEAN,
         pinned_hidden: list[int] | tuple[int, ...] = (),
         sequence_parallel: bool = False,
+        log_alpha_min: float = hc.LOG_ALPHA_MIN,
     ) -> None:
         super().__init__()
         unknown = set(kinds) - set(ALL_KINDS)
@@ -103,6 +106,7 @@ class MaskBank(nn.Module):
         self.num_layers = num_layers
         self.layer_numbers = list(layer_numbers)
         self.tp_rank, self.tp_size, self.seed = tp_rank, tp_size, seed
+        self.log_alpha_min = log_alpha_min
         shapes = hc.log_alpha_shapes(
             hidden_size, num_heads // tp_size, ffn_hidden_size // tp_size, len(layer_numbers)
         )
@@ -171,7 +175,7 @@ class MaskBank(nn.Module):
                 u = hc.mask_noise(
                     self.seed, iteration, microbatch, HIDDEN_LAYER_KEY, kind, self.full[kind]
                 )
-                z[kind] = hc.sample_mask(la, u.to(la))
+                z[kind] = hc.sample_mask(la, u.to(la), self.log_alpha_min)
                 if self.pinned_hidden:
                     z[kind] = torch.where(self._pinned, 1.0, z[kind])  # [h]
             elif kind in ("head", "intermediate"):
@@ -182,7 +186,7 @@ class MaskBank(nn.Module):
                     ]
                     for layer in self.layer_numbers
                 ]
-                z[kind] = hc.sample_mask(la, torch.stack(rows).to(la))
+                z[kind] = hc.sample_mask(la, torch.stack(rows).to(la), self.log_alpha_min)
             else:
                 u = torch.stack(
                     [
@@ -190,7 +194,7 @@ class MaskBank(nn.Module):
                         for layer in self.layer_numbers
                     ]
                 )
-                z[kind] = hc.sample_mask(la, u.to(la))
+                z[kind] = hc.sample_mask(la, u.to(la), self.log_alpha_min)
         self.z = z
 
     def set_masks(self, z: dict[str, torch.Tensor] | None) -> None:

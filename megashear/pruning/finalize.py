@@ -86,15 +86,17 @@ def finalization_masks(
     source: ModelConfig,
     target: ModelConfig,
     pinned_hidden: list[int] | tuple[int, ...] = (),
+    floor: float = hc.LOG_ALPHA_MIN,
 ) -> dict[str, torch.Tensor]:
     """Deterministic masks at exactly the target sizes (GQA group-wise; layer kinds jointly;
-    the pinned hidden channels kept at 1)."""
+    the pinned hidden channels kept at 1; ``floor``: the clamp's floor of the run's init)."""
     return hc.deterministic_masks(
         log_alpha,
         target_sizes(target, log_alpha.keys()),
         num_query_groups=source.num_query_groups,
         target_query_groups=target.num_query_groups,
         pinned_hidden=pinned_hidden,
+        floor=floor,
     )
 
 

@@ -2,7 +2,8 @@
 
 Every mask entry has a learnable ``log α``. Constants (docs/method.md §2): β = 2/3, stretch limits
 l = -0.1 and r = 1.1, ε = 1e-6; ``log α`` is initialised N(5, 0.01) and clamped to
-[ln 0.01, ln 100] whenever it is used.
+[ln 0.01, ln 100] whenever it is used (importance-initialised masks: [ln 1e-4, ln 100], see
+:func:`log_alpha_floor`; every function takes the floor as ``floor``).
 
 Full (unsharded) mask layouts, shared by every module of :mod:`megashear.pruning`:
 
@@ -69,6 +70,9 @@ INIT_MEAN = 5.0
 INIT_STD = 0.01
 LOG_ALPHA_MIN = math.log(1e-2)
 LOG_ALPHA_MAX = math.log(1e2)
+# the clamp's floor for importance-initialised masks (docs/method.md §8): low enough that the
+# dropped units can start just below each kind's target expected sparsity
+IMPORTANCE_LOG_ALPHA_MIN = math.log(1e-4)
 
 ALL_KINDS = ("hidden", "head", "head_layer", "intermediate", "mlp", "layer")
 PAPER_KINDS = ("head", "intermediate", "layer", "hidden")
@@ -101,19 +105,32 @@ def init_log_alpha(
     return out.normal_(mean, std, generator=generator)
 
 
-def clamp_log_alpha(log_alpha: torch.Tensor) -> torch.Tensor:
-    """``log α`` clamped to [ln 0.01, ln 100] in value, with an identity gradient."""
-    clamped = log_alpha.detach().clamp(LOG_ALPHA_MIN, LOG_ALPHA_MAX)
+def log_alpha_floor(init: str) -> float:
+    """The clamp's floor for masks initialised by ``init``: the paper's ln 0.01 for ``paper``,
+    :data:`IMPORTANCE_LOG_ALPHA_MIN` for ``importance`` (a departure, docs/method.md §8)."""
+    if init == "importance":
+        return IMPORTANCE_LOG_ALPHA_MIN
+    if init == "paper":
+        return LOG_ALPHA_MIN
+    raise ValueError(f"unknown mask init {init!r}; choose paper or importance")
+
+
+def clamp_log_alpha(log_alpha: torch.Tensor, floor: float = LOG_ALPHA_MIN) -> torch.Tensor:
+    """``log α`` clamped to [floor, ln 100] (paper: floor ln 0.01) in value, with an identity
+    gradient."""
+    clamped = log_alpha.detach().clamp(floor, LOG_ALPHA_MAX)
     return log_alpha + (clamped - log_alpha.detach())
 
 
 @torch.no_grad()
-def clamp_log_alpha_(log_alpha: torch.Tensor) -> torch.Tensor:
-    """Clamp a stored ``log α`` in place (call after every optimizer step)."""
-    return log_alpha.clamp_(LOG_ALPHA_MIN, LOG_ALPHA_MAX)
+def clamp_log_alpha_(log_alpha: torch.Tensor, floor: float = LOG_ALPHA_MIN) -> torch.Tensor:
+    """Clamp a stored ``log α`` in place to [floor, ln 100] (call after every optimizer step)."""
+    return log_alpha.clamp_(floor, LOG_ALPHA_MAX)
 
 
-def sample_mask(log_alpha: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+def sample_mask(
+    log_alpha: torch.Tensor, u: torch.Tensor, floor: float = LOG_ALPHA_MIN
+) -> torch.Tensor:
     """Training sample ``z`` (same shape as ``log_alpha``), differentiable in ``log α``.
 
     ``s = σ((log u - log(1-u) + log α) / β)``, ``z = min(1, max(0, s·(r-l) + l))``.
@@ -121,33 +138,41 @@ def sample_mask(log_alpha: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     Args:
         log_alpha: any shape.
         u: uniform noise in (ε, 1-ε), same shape (see :func:`mask_noise`).
+        floor: the clamp's floor (:func:`log_alpha_floor`).
     """
-    la = clamp_log_alpha(log_alpha)
+    la = clamp_log_alpha(log_alpha, floor)
     s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + la) / BETA)
     return (s * (LIMIT_R - LIMIT_L) + LIMIT_L).clamp(0.0, 1.0)
 
 
-def keep_probability(log_alpha: torch.Tensor) -> torch.Tensor:
+def keep_probability(log_alpha: torch.Tensor, floor: float = LOG_ALPHA_MIN) -> torch.Tensor:
     """``P(z ≠ 0) = 1 - Q(0)``, ``Q(0) = clamp(σ(β·log(-l/r) - log α), ε, 1-ε)``; same shape."""
-    la = clamp_log_alpha(log_alpha)
+    la = clamp_log_alpha(log_alpha, floor)
     q0 = torch.sigmoid(BETA * math.log(-LIMIT_L / LIMIT_R) - la).clamp(EPS, 1 - EPS)
     return 1 - q0
 
 
-def expected_sparsity(log_alpha: torch.Tensor) -> torch.Tensor:
+def log_alpha_for_keep_probability(p: torch.Tensor | float) -> torch.Tensor:
+    """The ``log α`` whose ``P(z ≠ 0)`` is ``p`` (the inverse of :func:`keep_probability`
+    inside the clamp): ``log α = logit(p) + β·log(-l/r)``."""
+    p = torch.as_tensor(p, dtype=torch.float64)
+    return torch.logit(p) + BETA * math.log(-LIMIT_L / LIMIT_R)
+
+
+def expected_sparsity(log_alpha: torch.Tensor, floor: float = LOG_ALPHA_MIN) -> torch.Tensor:
     """Expected sparsity ``1 - Σ P(z≠0) / size`` over the last dim.
 
     Shapes: ``[L, n] -> [L]`` (per layer), ``[n] -> []``.
 
     For the layer-level kinds ``[L]`` this is the scalar sparsity over layers.
     """
-    keep = keep_probability(log_alpha)
+    keep = keep_probability(log_alpha, floor)
     return 1 - keep.sum(-1) / log_alpha.shape[-1]
 
 
-def soft_mask(log_alpha: torch.Tensor) -> torch.Tensor:
+def soft_mask(log_alpha: torch.Tensor, floor: float = LOG_ALPHA_MIN) -> torch.Tensor:
     """Deterministic soft values ``σ(log α / β · 0.8)``; same shape."""
-    return torch.sigmoid(clamp_log_alpha(log_alpha) / BETA * MAGIC)
+    return torch.sigmoid(clamp_log_alpha(log_alpha, floor) / BETA * MAGIC)
 
 
 def _zero_smallest(soft: torch.Tensor, num_zeros: int) -> torch.Tensor:
@@ -160,8 +185,8 @@ def _zero_smallest(soft: torch.Tensor, num_zeros: int) -> torch.Tensor:
     return out
 
 
-def _expected_zeros(log_alpha: torch.Tensor) -> int:
-    return round(log_alpha.numel() - float(keep_probability(log_alpha).sum()))
+def _expected_zeros(log_alpha: torch.Tensor, floor: float) -> int:
+    return round(log_alpha.numel() - float(keep_probability(log_alpha, floor).sum()))
 
 
 @torch.no_grad()
@@ -170,6 +195,7 @@ def deterministic_mask(
     keep: int | None = None,
     per_row: bool = True,
     pinned: list[int] | tuple[int, ...] = (),
+    floor: float = LOG_ALPHA_MIN,
 ) -> torch.Tensor:
     """Deterministic mask of one kind (no gradient).
 
@@ -180,6 +206,7 @@ def deterministic_mask(
         per_row: for 2-D input, select within each row (per layer) instead of globally.
         pinned: entries of a 1-D mask that are always kept, with value exactly 1 (the pinned
             hidden channels, docs/method.md §8).
+        floor: the clamp's floor (:func:`log_alpha_floor`).
 
     Returns:
         Same shape: soft values on survivors, 0 elsewhere.
@@ -188,26 +215,30 @@ def deterministic_mask(
         if log_alpha.dim() != 1:
             raise ValueError("only a one-dimensional mask (hidden) can have pinned entries")
         idx = torch.as_tensor(list(pinned), dtype=torch.long)
-        k = _expected_zeros(log_alpha) if keep is None else log_alpha.numel() - keep
-        rank = soft_mask(log_alpha).clone()
+        k = _expected_zeros(log_alpha, floor) if keep is None else log_alpha.numel() - keep
+        rank = soft_mask(log_alpha, floor).clone()
         rank[idx] = 2.0  # above every soft value: selected first
         out = _zero_smallest(rank, k)
         out[idx] = torch.where(out[idx] != 0, 1.0, 0.0)
         return out
-    soft = soft_mask(log_alpha)
+    soft = soft_mask(log_alpha, floor)
     if log_alpha.dim() == 2 and per_row:
         rows = []
         for i in range(log_alpha.shape[0]):
-            k = _expected_zeros(log_alpha[i]) if keep is None else log_alpha.shape[1] - keep
+            k = _expected_zeros(log_alpha[i], floor) if keep is None else log_alpha.shape[1] - keep
             rows.append(_zero_smallest(soft[i], k))
         return torch.stack(rows)
-    k = _expected_zeros(log_alpha) if keep is None else log_alpha.numel() - keep
+    k = _expected_zeros(log_alpha, floor) if keep is None else log_alpha.numel() - keep
     return _zero_smallest(soft.reshape(-1), k).reshape(soft.shape)
 
 
 @torch.no_grad()
 def grouped_head_mask(
-    log_alpha: torch.Tensor, num_query_groups: int, keep_groups: int, heads_per_group: int
+    log_alpha: torch.Tensor,
+    num_query_groups: int,
+    keep_groups: int,
+    heads_per_group: int,
+    floor: float = LOG_ALPHA_MIN,
 ) -> torch.Tensor:
     """Deterministic GQA head mask: per layer, ``keep_groups`` groups × ``heads_per_group`` heads.
 
@@ -216,11 +247,12 @@ def grouped_head_mask(
         num_query_groups: source groups ``g``.
         keep_groups: target groups ``g'``.
         heads_per_group: target query heads per group ``r'``.
+        floor: the clamp's floor (:func:`log_alpha_floor`).
 
     Returns:
         ``[L, a]``: soft values on the kept heads, 0 elsewhere (see module docstring).
     """
-    soft = soft_mask(log_alpha)
+    soft = soft_mask(log_alpha, floor)
     return soft * select_grouped_heads(soft, num_query_groups, keep_groups, heads_per_group)
 
 
@@ -267,6 +299,7 @@ def deterministic_masks(
     target_query_groups: int | None = None,
     per_row: bool = True,
     pinned_hidden: list[int] | tuple[int, ...] = (),
+    floor: float = LOG_ALPHA_MIN,
 ) -> dict[str, torch.Tensor]:
     """Deterministic masks of every kind from full ``log α`` tensors.
 
@@ -282,6 +315,7 @@ def deterministic_masks(
         per_row: select ``head``/``intermediate`` per layer (default) or globally (then a given
             size is per layer and the global budget is ``L`` times it).
         pinned_hidden: hidden channels always kept with value 1 (:func:`deterministic_mask`).
+        floor: the clamp's floor (:func:`log_alpha_floor`).
 
     Returns:
         kind -> mask of the same shape: soft values on survivors, 0 elsewhere.
@@ -297,22 +331,22 @@ def deterministic_masks(
                 g_t = g if target_query_groups is None else target_query_groups
                 if keep % g_t:
                     raise ValueError(f"target heads {keep} not divisible by target groups {g_t}")
-                out[kind] = grouped_head_mask(la, g, g_t, keep // g_t)
+                out[kind] = grouped_head_mask(la, g, g_t, keep // g_t, floor)
                 continue
         if la.dim() == 2 and not per_row and keep is not None:
             keep = keep * la.shape[0]
         pinned = pinned_hidden if kind == "hidden" else ()
-        out[kind] = deterministic_mask(la, keep, per_row=per_row, pinned=pinned)
+        out[kind] = deterministic_mask(la, keep, per_row=per_row, pinned=pinned, floor=floor)
     joint = [k for k in LAYER_KINDS if k in log_alpha and sizes.get(k) is not None]
     if len(joint) > 1:
         n_keep = {sizes[k] for k in joint}
         if len(n_keep) > 1:
             raise ValueError(f"layer-level kinds {joint} need equal target sizes, got {sizes}")
-        score = sum(soft_mask(log_alpha[k]) for k in joint)  # [L]
+        score = sum(soft_mask(log_alpha[k], floor) for k in joint)  # [L]
         kept = torch.zeros_like(score, dtype=torch.bool)
         kept[torch.topk(score, k=n_keep.pop()).indices] = True
         for k in joint:
-            out[k] = soft_mask(log_alpha[k]) * kept
+            out[k] = soft_mask(log_alpha[k], floor) * kept
     return out
 
 

@@ -47,11 +47,13 @@ SCORE_KINDS = ("hidden", "head", "intermediate", "layer")
 FORMAT = "megashear-importance/1"
 FILE_NAME = "importance.pt"
 
-# log α of units the importance cut keeps / drops (docs/method.md §8): the clamp's ends, so a
-# kept unit starts where the paper's N(5, 0.01) starts after clamping and a dropped one has
-# P(z != 0) = 0.047, the smallest the clamp allows, while its gradient still passes.
+# log α of units the importance cut keeps (docs/method.md §8): the clamp's top, where the paper's
+# N(5, 0.01) lands after clamping. The dropped units start where each kind's expected sparsity
+# is INIT_MARGIN below its target (importance_log_alpha), inside the importance clamp. The margin
+# gives the Lagrangian's first steps a sign that float32 rounding cannot flip (λ follows Adam,
+# which would turn a zero-mean rounding difference into full-size steps of either sign).
 KEEP_LOG_ALPHA = hc.LOG_ALPHA_MAX
-DROP_LOG_ALPHA = hc.LOG_ALPHA_MIN
+INIT_MARGIN = 1e-3
 
 
 def head_statistic(x: torch.Tensor, head_dim: int) -> torch.Tensor:
@@ -168,16 +170,30 @@ def importance_log_alpha(
     source: ModelConfig,
     target: ModelConfig,
     kinds: tuple[str, ...],
-    keep: float = KEEP_LOG_ALPHA,
-    drop: float = DROP_LOG_ALPHA,
 ) -> dict[str, torch.Tensor]:
-    """Initial full ``log α`` per kind: ``keep`` where the importance cut keeps the unit,
-    ``drop`` elsewhere (``keep > drop``), so the deterministic masks at the target select
-    exactly the importance cut (docs/method.md §8)."""
-    if not keep > drop:
-        raise ValueError(f"the kept units' log alpha {keep} must exceed the dropped ones' {drop}")
-    masks = importance_masks(scores, source, target, kinds)
-    return {k: torch.where(m > 0, keep, drop).float() for k, m in masks.items()}
+    """Initial full ``log α`` per kind (docs/method.md §8): ``ln 100`` where the importance
+    cut keeps the unit; elsewhere the value at which the kind's expected sparsity is
+    :data:`INIT_MARGIN` below its target, per row for ``head [L, a]`` and ``intermediate [L, f]``.
+
+    With ``k`` kept and ``d`` dropped entries in a row (``n = k + d``, target ``d / n``), the
+    dropped ones get ``P(z ≠ 0) = (k · (1 - P_keep) + δ · n) / d`` (``P_keep`` the kept units'
+    0.998, ``δ`` the margin), so that ``1 - (k · P_keep + d · P(z ≠ 0)) / n = d / n - δ``; the
+    value is held inside [ln 1e-4, ln 100], the importance clamp
+    (:func:`~.hard_concrete.log_alpha_floor`).
+    Every kept value exceeds every dropped one, so the deterministic masks at the target select
+    exactly the importance cut."""
+    floor = hc.IMPORTANCE_LOG_ALPHA_MIN
+    p_keep = float(hc.keep_probability(torch.tensor(KEEP_LOG_ALPHA), floor))
+    out = {}
+    for kind, mask in importance_masks(scores, source, target, kinds).items():
+        kept = mask > 0
+        k = kept.sum(-1, keepdim=True).double()  # [L, 1] or [1]
+        d = (~kept).sum(-1, keepdim=True).double()
+        n = k + d
+        p_drop = ((k * (1 - p_keep) + INIT_MARGIN * n) / d.clamp(min=1)).clamp(max=0.5)
+        drop = hc.log_alpha_for_keep_probability(p_drop).clamp(floor, KEEP_LOG_ALPHA)
+        out[kind] = torch.where(kept, KEEP_LOG_ALPHA, drop).float()
+    return out
 
 
 def pinned_hidden(scores: dict[str, torch.Tensor], target: ModelConfig, factor: float) -> list[int]:

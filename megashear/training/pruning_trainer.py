@@ -132,6 +132,7 @@ class PruningTrainer(Trainer):
                 seed=self.pcfg.seed,
                 init_mean=self.pcfg.log_alpha_init_mean,
                 pinned_hidden=self.pinned_hidden,
+                log_alpha_min=hc.log_alpha_floor(self.init_kind),
                 sequence_parallel=self.par.sequence_parallel,
             ).to(next(chunk.parameters()).device)
             if self.init_log_alpha is not None:
@@ -210,7 +211,9 @@ class PruningTrainer(Trainer):
         for key, value in self.lagrangian.lambda_values().items():
             which, kind = key.split("/", 1)  # "lambda_1/head" -> "lambda/head_1"
             stats[f"lambda/{kind}_{which[-1]}"] = value
-        keep = self.gather_full(lambda bank, kind: hc.keep_probability(bank.log_alpha(kind)))
+        keep = self.gather_full(
+            lambda bank, kind: hc.keep_probability(bank.log_alpha(kind), bank.log_alpha_min)
+        )
         stats["expected_params"] = float(
             expected_num_parameters(self.model_cfg, keep, include_embeddings=True)
         )
@@ -247,7 +250,7 @@ class PruningTrainer(Trainer):
     def after_optimizer_step(self) -> None:
         for bank in self.banks:
             for kind in bank.kinds:
-                hc.clamp_log_alpha_(bank.log_alpha(kind))
+                hc.clamp_log_alpha_(bank.log_alpha(kind), bank.log_alpha_min)
             bank.hold_pinned()
 
     # ---------------------------------------------------------------- deterministic masks
@@ -279,6 +282,7 @@ class PruningTrainer(Trainer):
             num_query_groups=self.model_cfg.num_query_groups,
             target_query_groups=self.target_cfg.num_query_groups if sizes else None,
             pinned_hidden=self.pinned_hidden,
+            floor=hc.log_alpha_floor(self.init_kind),
         )
         for bank in self.banks:
             bank.set_masks(bank.local_slices(full))

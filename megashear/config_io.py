@@ -29,6 +29,8 @@ from typing import Any
 
 import yaml
 
+from megashear.atomic_file import write_text_atomic
+
 
 class ConfigError(ValueError):
     """A configuration that cannot be used; the message names the key."""
@@ -452,7 +454,4 @@ def given_keys(files: list[str], args: argparse.Namespace) -> dict[str, str]:
 
 def dump_yaml(obj: Any, path: str) -> None:
     """Write a config atomically (temporary name, then rename)."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        yaml.safe_dump(to_dict(obj), f, sort_keys=False)
-    os.replace(tmp, path)
+    write_text_atomic(path, yaml.safe_dump(to_dict(obj), sort_keys=False))

@@ -22,6 +22,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from megashear.atomic_file import atomic_path  # noqa: E402
 from megashear.training.run_log import read_events  # noqa: E402
 
 
@@ -119,9 +120,10 @@ def write_plots(run_dir: str, out_dir: str | None = None) -> list[str]:
         if fig is None:
             continue
         path = os.path.join(out_dir, name)
-        tmp = path + ".tmp.png"
-        fig.savefig(tmp, dpi=100, bbox_inches="tight")
-        plt.close(fig)
-        os.replace(tmp, path)
+        try:
+            with atomic_path(path, suffix=".png") as tmp:
+                fig.savefig(tmp, dpi=100, bbox_inches="tight")
+        finally:
+            plt.close(fig)
         written.append(path)
     return written

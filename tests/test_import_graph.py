@@ -43,8 +43,9 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("megashear.config", "megashear.config_io"),
     # model shapes
     ("megashear.model_config",),
-    # the CPU / GPU switch, data paths, megatron-core's jit_fuser compiled on first call
-    ("megashear.platform", "megashear.paths", "megashear.lazy_compile"),
+    # the CPU / GPU switch, data paths, megatron-core's jit_fuser compiled on first call, files
+    # written whole (temporary name, then rename)
+    ("megashear.platform", "megashear.paths", "megashear.lazy_compile", "megashear.atomic_file"),
 )
 # ``megashear/__init__.py`` belongs to no layer. It may import only this module (its import hook
 # must be in place before any megashear module imports megatron-core); anything else is a

@@ -13,8 +13,9 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from megashear.atomic_file import write_json_atomic, write_text_atomic
 from megashear.pipeline import stages as _stages
-from megashear.pipeline.runner import cached, write_json_atomic, write_text_atomic
+from megashear.pipeline.runner import cached
 from megashear.pipeline.stages import DOMAINS, SMOLLM2_EOS, manifest_with_weights
 
 __all__ = [

@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 
+from megashear.atomic_file import write_text_atomic
 from megashear.model_config import ModelConfig, model_differences
 
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -33,16 +34,6 @@ class CheckpointError(ValueError):
 def iteration_dir(root: str, iteration: int) -> str:
     """The directory of checkpoint ``iteration`` under ``root``: ``root/iter_NNNNNNN``."""
     return os.path.join(root, f"iter_{iteration:07d}")
-
-
-def write_text_atomic(path: str, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename (never half a file)."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def read_tracker(root: str) -> int:

@@ -29,6 +29,8 @@ from dataclasses import asdict, dataclass, field
 
 import yaml
 
+from megashear.atomic_file import write_text_atomic
+
 # Manifest fields describing how documents were tokenized (all optional).
 TOKENIZER_FIELDS = ("tokenizer_kind", "bos_id", "eos_id", "add_bos", "add_eos")
 
@@ -144,7 +146,4 @@ def save_manifest(m: Manifest, path: str) -> None:
         **{k: getattr(m, k) for k in TOKENIZER_FIELDS},
         "domains": [asdict(d) for d in m.domains],
     }
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        yaml.safe_dump(data, f, sort_keys=False)
-    os.replace(tmp, path)
+    write_text_atomic(path, yaml.safe_dump(data, sort_keys=False))

@@ -44,6 +44,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
+from megashear.atomic_file import write_text_atomic
+
 log = logging.getLogger(__name__)
 
 # Twice the most that tools/shear_experiment.py reads per domain by default (2 MB).
@@ -322,20 +324,6 @@ def build_items(heldout: HeldOut, spec: TaskSpec) -> list[dict[str, Any]]:
     )
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` under a temporary name in the same directory, then rename."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -461,9 +449,9 @@ def build_task(
     }
     out.mkdir(parents=True, exist_ok=True)
     data = "".join(json.dumps(item, ensure_ascii=False) + "\n" for item in items)
-    write_atomic(paths["data"], data)
-    write_atomic(paths["loader"], _LOADER.format(name=spec.name, data=paths["data"].name))
-    write_atomic(paths["meta"], json.dumps(meta, indent=1) + "\n")
+    write_text_atomic(paths["data"], data)
+    write_text_atomic(paths["loader"], _LOADER.format(name=spec.name, data=paths["data"].name))
+    write_text_atomic(paths["meta"], json.dumps(meta, indent=1) + "\n")
     yaml_meta = {
         "version": TASK_VERSION,
         "items": len(items),
@@ -472,7 +460,7 @@ def build_task(
         "heldout_start_byte": {d: v["heldout_start_byte"] for d, v in domains.items()},
     }
     # The config goes last: a task whose YAML exists is complete.
-    write_atomic(paths["yaml"], task_yaml(spec.name, yaml_meta))
+    write_text_atomic(paths["yaml"], task_yaml(spec.name, yaml_meta))
     return {"task_dir": str(out), "yaml": str(paths["yaml"]), **meta}
 
 

@@ -20,6 +20,7 @@ import statistics
 
 import numpy as np
 
+from megashear.atomic_file import write_json_atomic
 from megashear.scaling.p2_config import FitP2Config
 from megashear.scaling.p2_law import P2Law, fit_p2
 from megashear.scaling.p2_points import Points, points_from_rows, read_points
@@ -144,15 +145,6 @@ def plan_rows(law: P2Law, query: Points, reach: float | None, within: float | No
     return out
 
 
-def _write_json(path: str, value: dict) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp.{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(value, f, indent=1)
-    os.replace(tmp, path)
-
-
 def run(cfg: FitP2Config) -> dict:
     """Fit, predict, plot and write as ``cfg`` says; the result as a dict (one JSON line)."""
     if cfg.within is not None and not cfg.within > 0:
@@ -202,7 +194,7 @@ def run(cfg: FitP2Config) -> dict:
             cfg.plot, result.law, points, queries=query, extrapolate=cfg.extrapolate
         )
     if cfg.out:
-        _write_json(cfg.out, out)
+        write_json_atomic(cfg.out, out)
         out["out"] = cfg.out
     return out
 

@@ -24,6 +24,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from megashear.atomic_file import write_json_atomic
+
 logger = logging.getLogger(__name__)
 
 
@@ -155,20 +157,6 @@ def last_json(text: str) -> dict:
     """The last line of ``text`` that is a JSON object (kept for scripts that read a command's
     printed result; the pipeline reads result files instead)."""
     return json.loads([ln for ln in text.splitlines() if ln.startswith("{")][-1])
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary name and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def write_json_atomic(path: Path, value: Any) -> None:
-    """Write ``value`` as JSON to ``path`` through a temporary name and a rename."""
-    write_text_atomic(path, json.dumps(value, indent=1))
 
 
 def cached(path: Path, make: Callable[[], Any]) -> Any:

@@ -41,9 +41,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from megashear.atomic_file import write_json_atomic
 from megashear.config_io import ConfigError
 from megashear.pipeline.recipe import Recipe, check
-from megashear.pipeline.runner import StageError, StageRunner, write_json_atomic
+from megashear.pipeline.runner import StageError, StageRunner
 from megashear.pipeline.stages import (
     CheckpointResult,
     RunResult,

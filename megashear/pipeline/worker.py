@@ -20,8 +20,8 @@ import logging
 import sys
 
 from megashear import config_io
+from megashear.atomic_file import write_json_atomic
 from megashear.config import RunConfig
-from megashear.pipeline.runner import write_json_atomic
 
 logger = logging.getLogger(__name__)
 

@@ -37,6 +37,7 @@ import os
 
 import torch
 
+from megashear.atomic_file import atomic_path
 from megashear.model_config import ModelConfig
 from megashear.pruning import hard_concrete as hc
 from megashear.pruning.targets import validate_target
@@ -226,15 +227,9 @@ def default_path(checkpoint: str) -> str:
 def save_scores(path: str, scores: dict[str, torch.Tensor], record: dict) -> None:
     """Write scores and ``record`` (model, checkpoint, fingerprint, samples) through a
     temporary name and a rename."""
-    tmp = f"{path}.tmp.{os.getpid()}"
     payload = {"format": FORMAT, **record, "scores": {k: v.cpu() for k, v in scores.items()}}
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    try:
+    with atomic_path(path) as tmp:
         torch.save(payload, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def load_scores(path: str, source: ModelConfig, fingerprint: str | None = None) -> dict:

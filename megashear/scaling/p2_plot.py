@@ -3,10 +3,9 @@ extrapolation beyond them, one colour per curve (rows sharing ``n0, n, l0``)."""
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 
+from megashear.atomic_file import atomic_path
 from megashear.scaling.p2_law import P2Law
 from megashear.scaling.p2_points import Points
 
@@ -77,14 +76,9 @@ def plot_p2(
     ax.title.set_fontsize(9)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp.{os.getpid()}.png")
     try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, path)
+        with atomic_path(path, suffix=".png") as tmp:
+            fig.savefig(tmp, dpi=110)
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return path

@@ -17,6 +17,8 @@ import logging
 import math
 import os
 
+from megashear.atomic_file import write_text_atomic
+
 logger = logging.getLogger(__name__)
 
 
@@ -98,10 +100,7 @@ def drop_after(path: str, step: int) -> int:
             else:
                 kept.append(line if line.endswith("\n") else line + "\n")
     if dropped:
-        tmp = f"{path}.tmp.{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.writelines(kept)
-        os.replace(tmp, path)
+        write_text_atomic(path, "".join(kept))
         logger.info("resuming at step %d: dropped %d later records from %s", step, dropped, path)
     return dropped
 

@@ -191,6 +191,7 @@ def importance_log_alpha(
         k = kept.sum(-1, keepdim=True).double()  # [L, 1] or [1]
         d = (~kept).sum(-1, keepdim=True).double()
         n = k + d
+        # capped at 0.5 (log α 1.6 < ln 100): a row that drops very few units stays ranked
         p_drop = ((k * (1 - p_keep) + INIT_MARGIN * n) / d.clamp(min=1)).clamp(max=0.5)
         drop = hc.log_alpha_for_keep_probability(p_drop).clamp(floor, KEEP_LOG_ALPHA)
         out[kind] = torch.where(kept, KEEP_LOG_ALPHA, drop).float()

@@ -208,6 +208,9 @@ def _tool():
         (["score", "--model", "{tmp}", "--task", "{tmp}/t"], "no config.json"),
         (["score", "--model", "{tmp}/m", "--task", "{tmp}/empty"], "holds 0 built tasks"),
         (["score", "--model", "{tmp}/m"], "required"),
+        (["greedy", "--model", "{tmp}/nope"], "not a local directory"),
+        (["greedy", "--model", "{tmp}/m", "--task", "{corpus}", "--per-domain", "0"], "at least"),
+        (["greedy", "--model", "{tmp}/m", "--new-tokens", "2"], "at least n"),
         (["frobnicate"], "invalid choice"),
     ],
 )

@@ -40,7 +40,7 @@ def test_demo_pipeline_micro(tmp_path, smollm2_hf):
         "--continue-steps", "2", "--continue-batch", "2", "--continue-micro-batch", "1",
         "--continue-updates", "1",
         "--downstream-limit", "6",
-        "--new-tokens", "4",
+        "--new-tokens", "4", "--greedy-prompts", "1", "--greedy-tokens", "5",
     ]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -49,6 +49,14 @@ def test_demo_pipeline_micro(tmp_path, smollm2_hf):
     rows = {line.split()[0] for line in text.splitlines() if line.strip()}
     assert {"source", "pruned", "cut", "sheared"} <= rows
     assert "downstream (lm-eval, 6 held-out 4-way continuations" in text
+    # greedy text of both models on one held-out passage per domain, and how much it loops
+    assert "greedy text on 6 held-out passages, 5 new tokens each" in text
+    greedy = json.loads((out / "greedy.json").read_text())
+    for model in ("source", "sheared"):
+        rows = greedy[model]["continuations"]
+        assert {r["domain"] for r in rows} == DOMAINS and all(1 <= r["tokens"] <= 5 for r in rows)
+        assert 0.0 <= greedy[model]["seq_rep_4"] <= 1.0
+    assert greedy["sheared"]["parameters"] == 44_052_864
     # every progress line names its stage once
     progress = [ln.split()[1] for ln in text.splitlines() if ln.startswith(f"[{out.name}] ")]
     assert len(progress) == len(set(progress)) and "continue" in progress, progress

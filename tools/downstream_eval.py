@@ -7,13 +7,17 @@
         [--tail-bytes N] [--name megashear_heldout] [--overwrite]
     python tools/downstream_eval.py score --model HF_DIR --task runs/heldout_task \\
         [--batch-size 8] [--threads 2] [--limit N]
+    python tools/downstream_eval.py greedy --model HF_DIR [--task runs/heldout_task] \\
+        [--per-domain 2] [--new-tokens 48] [--n 4] [--prompt TEXT] [--threads 2]
 
 ``build`` writes a 4-way multiple-choice continuation task (an lm-eval YAML, its JSON Lines items,
 a loader and the build metadata) from documents past each domain file's first
 ``--min-skip-bytes`` (``megashear.evaluation.downstream_task``). ``score`` runs lm-eval's ``hf``
 model on the CPU in float32 with the hub and datasets offline
-(``megashear.evaluation.lm_eval_score``; needs the ``eval`` extra). Each prints one JSON line;
-bad input is one ``error:`` line and exit code 2. See docs/downstream_eval.md.
+(``megashear.evaluation.lm_eval_score``; needs the ``eval`` extra). ``greedy`` continues the
+task's held-out passages greedily with transformers and reports how much the text loops
+(seq-rep-n, ``megashear.evaluation.greedy_text``), with a sample for ``--prompt``. Each prints
+one JSON line; bad input is one ``error:`` line and exit code 2. See docs/downstream_eval.md.
 """
 
 from __future__ import annotations
@@ -46,9 +50,25 @@ def score(args) -> dict:
     )
 
 
+def greedy(args) -> dict:
+    from megashear.evaluation.greedy_text import report
+
+    return report(
+        args.model,
+        args.task,
+        per_domain=args.per_domain,
+        new_tokens=args.new_tokens,
+        n=args.n,
+        prompt=args.prompt,
+        sample_tokens=args.sample_tokens,
+        threads=args.threads,
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     from megashear.cli import OneLineArgumentParser
     from megashear.evaluation.downstream_task import DEFAULT_TASK_NAME, TaskSpec
+    from megashear.evaluation.greedy_text import DEFAULT_PROMPT
 
     parser = OneLineArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -81,11 +101,21 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--batch-size", type=int, default=8)
     s.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     s.add_argument("--limit", type=int, default=None, help="score only the first N items")
+    g = sub.add_parser("greedy", help="greedy text on held-out passages, and how much it loops")
+    g.add_argument("--model", required=True, help="a local Hugging Face model directory")
+    g.add_argument("--task", default=None, help="a task directory (its passages are the prompts)")
+    g.add_argument("--per-domain", type=int, default=2, help="prompts per domain")
+    g.add_argument("--new-tokens", type=int, default=48, help="greedy tokens per prompt")
+    g.add_argument("--n", type=int, default=4, help="the n of seq-rep-n")
+    g.add_argument("--prompt", default=DEFAULT_PROMPT, help="the prompt of the shown sample")
+    g.add_argument("--sample-tokens", type=int, default=20, help="new tokens of the sample")
+    g.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from megashear.cli import run_tool
 
-    return run_tool(lambda: build(args) if args.command == "build" else score(args))
+    command = {"build": build, "score": score, "greedy": greedy}[args.command]
+    return run_tool(lambda: command(args))
 
 
 if __name__ == "__main__":

@@ -66,3 +66,26 @@ def test_continuations_are_greedy_and_new_tokens_only(task: Path, smollm2_hf: Pa
         assert row["seq_rep_4"] == round(seq_rep(new, 4), 4)
         reps.append(row["seq_rep_4"])
     assert got["seq_rep_4"] == pytest.approx(sum(reps) / len(reps), abs=1e-4)
+
+
+@pytest.mark.parametrize(
+    "tool, argv, message",
+    [
+        ("demo.py", ["--greedy-prompts", "0"], "prompts per domain must be at least 1"),
+        ("target_sizes.py", ["--greedy-tokens", "3"], "must be at least n (4)"),
+    ],
+)
+def test_tools_refuse_bad_greedy_options_first(tool, argv, message, tmp_path) -> None:
+    """One ``error:`` line before any stage runs: the output folder stays empty."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, f"tools/{tool}", "--out", str(out), *argv],
+        capture_output=True, text=True, timeout=120, cwd=Path(__file__).parents[1],
+    )  # fmt: skip
+    assert proc.returncode == 2
+    err = proc.stderr.strip()
+    assert err.startswith("error:") and "\n" not in err and message in err, err
+    assert not out.exists()

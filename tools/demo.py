@@ -131,6 +131,12 @@ def shear_command(args: argparse.Namespace, hf_src: Path, out: Path) -> list[str
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from megashear import config_io
+    from megashear.evaluation.greedy_text import check_options
+
+    try:
+        check_options(args.greedy_prompts, args.greedy_tokens)
+    except ValueError as exc:
+        return report_error(exc)
     from megashear.pipeline.recipe import Recipe
 
     recipe = config_io.from_dict(Recipe, config_io.load_yaml(args.recipe))

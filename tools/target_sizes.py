@@ -72,9 +72,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from megashear.evaluation.greedy_text import check_options
+
     names = [t for t in args.targets.split(",") if t]
     if not names or set(names) - set(TARGETS):
         return report_error(ValueError(f"--targets {args.targets!r}: choose from {list(TARGETS)}"))
+    try:
+        check_options(args.greedy_prompts, args.greedy_tokens)
+    except ValueError as exc:
+        return report_error(exc)
     from megashear.evaluation.downstream_task import TaskSpec, build_task
     from megashear.evaluation.greedy_text import report as greedy_report
     from megashear.evaluation.lm_eval_score import score

@@ -47,6 +47,15 @@ def seq_rep(tokens: Sequence[int], n: int = 4) -> float:
     return 1.0 - len(set(grams)) / len(grams)
 
 
+def check_options(per_domain: int, new_tokens: int, n: int = 4) -> None:
+    """Raise a one-line ``ValueError`` for options :func:`report` cannot use (a tool checks
+    them before it spends minutes on the model it will continue)."""
+    if per_domain < 1:
+        raise ValueError(f"prompts per domain must be at least 1, got {per_domain}")
+    if n < 1 or new_tokens < n:
+        raise ValueError(f"new tokens ({new_tokens}) must be at least n ({n}), and n at least 1")
+
+
 def heldout_prompts(task_dir: str | os.PathLike, per_domain: int) -> list[dict[str, str]]:
     """The passages of the first ``per_domain`` items of each domain of the task in
     ``task_dir``, as ``{"domain", "id", "text"}``, in the task's domain order."""
@@ -117,8 +126,7 @@ def report(
     """The model's parameters, its greedy sample for ``prompt`` (``sample_tokens`` new tokens,
     decoded with the prompt), and with a task: the mean and each held-out continuation's
     seq-rep-``n`` over ``new_tokens`` greedy tokens."""
-    if new_tokens < n:
-        raise ValueError(f"new tokens ({new_tokens}) must be at least n ({n})")
+    check_options(per_domain, new_tokens, n)
     prompts = heldout_prompts(task_dir, per_domain) if task_dir is not None else []
     writer = GreedyWriter(hf_dir, threads)
     sample = prompt + writer.decode(writer.continue_text(prompt, sample_tokens))

@@ -45,7 +45,9 @@ def test_prompts_are_the_first_passages_of_each_domain(task: Path) -> None:
 def test_continuations_are_greedy_and_new_tokens_only(task: Path, smollm2_hf: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    got = report(smollm2_hf, task, per_domain=1, new_tokens=6, sample_tokens=3, threads=2)
+    threads = torch.get_num_threads()
+    got = report(smollm2_hf, task, per_domain=1, new_tokens=6, sample_tokens=3, threads=threads + 1)
+    assert torch.get_num_threads() == threads  # the call's threads are its own
     assert got["parameters"] == 134_515_008
     assert got["sample"].startswith("The history of the Roman Empire")
     rows = got["continuations"]

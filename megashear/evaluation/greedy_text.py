@@ -76,17 +76,14 @@ class GreedyWriter:
 
     Args:
         hf_dir: a local Hugging Face LLaMA directory (hub names are refused).
-        threads: torch CPU threads (None: leave torch's default).
     """
 
-    def __init__(self, hf_dir: str | os.PathLike, threads: int | None = None):
+    def __init__(self, hf_dir: str | os.PathLike):
         path = check_model_dir(hf_dir)
         os.environ.update(OFFLINE_ENV)
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        if threads:
-            torch.set_num_threads(threads)
         self._torch = torch
         self.model = AutoModelForCausalLM.from_pretrained(path).float().eval()
         self.tokenizer = AutoTokenizer.from_pretrained(path)
@@ -125,19 +122,29 @@ def report(
 ) -> dict[str, Any]:
     """The model's parameters, its greedy sample for ``prompt`` (``sample_tokens`` new tokens,
     decoded with the prompt), and with a task: the mean and each held-out continuation's
-    seq-rep-``n`` over ``new_tokens`` greedy tokens."""
+    seq-rep-``n`` over ``new_tokens`` greedy tokens. ``threads`` sets torch's CPU threads for
+    the call (None: leave them)."""
     check_options(per_domain, new_tokens, n)
     prompts = heldout_prompts(task_dir, per_domain) if task_dir is not None else []
-    writer = GreedyWriter(hf_dir, threads)
-    sample = prompt + writer.decode(writer.continue_text(prompt, sample_tokens))
-    out: dict[str, Any] = {"model": str(hf_dir), "parameters": writer.parameters, "sample": sample}
-    if prompts:
+    import torch
+
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        writer = GreedyWriter(hf_dir)
+        sample = prompt + writer.decode(writer.continue_text(prompt, sample_tokens))
+        out: dict[str, Any] = {"model": str(hf_dir), "parameters": writer.parameters,
+                               "sample": sample}  # fmt: skip
         rows = []
         for p in prompts:
             tokens = writer.continue_text(p["text"], new_tokens)
             rows.append({"id": p["id"], "domain": p["domain"], "tokens": len(tokens),
                          f"seq_rep_{n}": round(seq_rep(tokens, n), 4),
                          "text": writer.decode(tokens)})  # fmt: skip
+    finally:
+        torch.set_num_threads(previous)
+    if rows:
         out[f"seq_rep_{n}"] = round(statistics.fmean(r[f"seq_rep_{n}"] for r in rows), 4)
         out["new_tokens"] = new_tokens
         out["continuations"] = rows

@@ -211,6 +211,7 @@ def _tool():
         (["greedy", "--model", "{tmp}/nope"], "not a local directory"),
         (["greedy", "--model", "{tmp}/m", "--task", "{corpus}", "--per-domain", "0"], "at least"),
         (["greedy", "--model", "{tmp}/m", "--new-tokens", "2"], "at least n"),
+        (["greedy", "--model", "{tmp}/m", "--threads", "0"], "threads must be at least 1"),
         (["frobnicate"], "invalid choice"),
     ],
 )

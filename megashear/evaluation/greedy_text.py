@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from megashear.evaluation.downstream_task import load_items
-from megashear.evaluation.lm_eval_score import OFFLINE_ENV, check_model_dir
+from megashear.evaluation.lm_eval_score import OFFLINE_ENV, check_model_dir, cpu_threads
 
 log = logging.getLogger(__name__)
 
@@ -126,12 +126,7 @@ def report(
     the call (None: leave them)."""
     check_options(per_domain, new_tokens, n)
     prompts = heldout_prompts(task_dir, per_domain) if task_dir is not None else []
-    import torch
-
-    previous = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
+    with cpu_threads(threads):
         writer = GreedyWriter(hf_dir)
         sample = prompt + writer.decode(writer.continue_text(prompt, sample_tokens))
         out: dict[str, Any] = {"model": str(hf_dir), "parameters": writer.parameters,
@@ -142,8 +137,6 @@ def report(
             rows.append({"id": p["id"], "domain": p["domain"], "tokens": len(tokens),
                          f"seq_rep_{n}": round(seq_rep(tokens, n), 4),
                          "text": writer.decode(tokens)})  # fmt: skip
-    finally:
-        torch.set_num_threads(previous)
     if rows:
         out[f"seq_rep_{n}"] = round(statistics.fmean(r[f"seq_rep_{n}"] for r in rows), 4)
         out["new_tokens"] = new_tokens

@@ -9,9 +9,11 @@ set before lm-eval is imported, so nothing is fetched.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +37,28 @@ def check_model_dir(hf_dir: str | os.PathLike) -> Path:
     if not (path / "config.json").is_file():
         raise ValueError(f"model {hf_dir} is not a Hugging Face model directory (no config.json)")
     return path.resolve()
+
+
+def check_threads(threads: int | None) -> None:
+    """A one-line ``ValueError`` for a thread count torch cannot use (None: leave torch's)."""
+    if threads is not None and threads < 1:
+        raise ValueError(f"threads must be at least 1, got {threads}")
+
+
+@contextlib.contextmanager
+def cpu_threads(threads: int | None) -> Iterator[int]:
+    """torch's CPU threads set to ``threads`` inside the block and restored after it (None:
+    left as they are); yields the count in effect."""
+    check_threads(threads)
+    import torch
+
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield torch.get_num_threads()
+    finally:
+        torch.set_num_threads(previous)
 
 
 def _domain_scores(samples: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -82,8 +106,7 @@ def score(
     name, meta = find_task(task_dir)
     if batch_size < 1:
         raise ValueError(f"batch size must be at least 1, got {batch_size}")
-    if threads is not None and threads < 1:
-        raise ValueError(f"threads must be at least 1, got {threads}")
+    check_threads(threads)
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be at least 1, got {limit}")
     os.environ.update(OFFLINE_ENV)
@@ -94,33 +117,33 @@ def score(
         raise ValueError(
             f"lm-eval is not installed ({_one_line(exc)}); pip install 'megashear[eval]'"
         ) from None
-    import torch
-
-    previous = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
     start = time.time()
-    try:
-        manager = TaskManager(include_path=str(Path(task_dir).resolve()), include_defaults=False)
-        out = lm_eval.simple_evaluate(
-            model="hf",
-            # an export's max_position_embeddings is its training run's sequence length (e.g.
-            # 128), not a limit of RoPE: without max_length lm-eval would cut contexts to it
-            model_args={"pretrained": str(model), "dtype": "float32", "max_length": max_length},
-            tasks=[name],
-            task_manager=manager,
-            batch_size=batch_size,
-            device="cpu",
-            limit=limit,
-            log_samples=True,
-            bootstrap_iters=1000,  # acc is a mean: its stderr is closed-form, not bootstrapped
-        )
-        res = out["results"][name]
-        samples = out.get("samples", {}).get(name, [])
-    except Exception as exc:  # lm-eval and transformers raise many kinds; keep the contract
-        raise ValueError(f"lm-eval could not score {hf_dir} on {name}: {_one_line(exc)}") from None
-    finally:
-        torch.set_num_threads(previous)
+    with cpu_threads(threads) as used_threads:
+        try:
+            manager = TaskManager(
+                include_path=str(Path(task_dir).resolve()), include_defaults=False
+            )
+            out = lm_eval.simple_evaluate(
+                model="hf",
+                # an export's max_position_embeddings is its training run's sequence length
+                # (e.g. 128), not a limit of RoPE: without max_length lm-eval would cut contexts
+                # to it
+                model_args={"pretrained": str(model), "dtype": "float32", "max_length": max_length},
+                tasks=[name],
+                task_manager=manager,
+                batch_size=batch_size,
+                device="cpu",
+                limit=limit,
+                log_samples=True,
+                # acc is a mean: its stderr is closed-form, not bootstrapped
+                bootstrap_iters=1000,
+            )
+            res = out["results"][name]
+            samples = out.get("samples", {}).get(name, [])
+        except Exception as exc:  # lm-eval and transformers raise many kinds; keep the contract
+            raise ValueError(
+                f"lm-eval could not score {hf_dir} on {name}: {_one_line(exc)}"
+            ) from None
     seconds = time.time() - start
     result = {
         "task": name,
@@ -135,7 +158,7 @@ def score(
         "domains": _domain_scores(samples),
         "seconds": round(seconds, 1),
         "batch_size": batch_size,
-        "threads": threads if threads is not None else previous,
+        "threads": used_threads,
         "lm_eval": getattr(lm_eval, "__version__", "?"),
     }
     log.info(

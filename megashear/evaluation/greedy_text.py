@@ -22,7 +22,6 @@ prompts and each continuation).
 
 from __future__ import annotations
 
-import logging
 import os
 import statistics
 from collections.abc import Sequence
@@ -30,8 +29,6 @@ from typing import Any
 
 from megashear.evaluation.downstream_task import load_items
 from megashear.evaluation.lm_eval_score import OFFLINE_ENV, check_model_dir, cpu_threads
-
-log = logging.getLogger(__name__)
 
 DEFAULT_PROMPT = "The history of the Roman Empire"
 
@@ -47,11 +44,15 @@ def seq_rep(tokens: Sequence[int], n: int = 4) -> float:
     return 1.0 - len(set(grams)) / len(grams)
 
 
+def _check_per_domain(per_domain: int) -> None:
+    if per_domain < 1:
+        raise ValueError(f"prompts per domain must be at least 1, got {per_domain}")
+
+
 def check_options(per_domain: int, new_tokens: int, n: int = 4) -> None:
     """Raise a one-line ``ValueError`` for options :func:`report` cannot use (a tool checks
     them before it spends minutes on the model it will continue)."""
-    if per_domain < 1:
-        raise ValueError(f"prompts per domain must be at least 1, got {per_domain}")
+    _check_per_domain(per_domain)
     if n < 1 or new_tokens < n:
         raise ValueError(f"new tokens ({new_tokens}) must be at least n ({n}), and n at least 1")
 
@@ -59,8 +60,7 @@ def check_options(per_domain: int, new_tokens: int, n: int = 4) -> None:
 def heldout_prompts(task_dir: str | os.PathLike, per_domain: int) -> list[dict[str, str]]:
     """The passages of the first ``per_domain`` items of each domain of the task in
     ``task_dir``, as ``{"domain", "id", "text"}``, in the task's domain order."""
-    if per_domain < 1:
-        raise ValueError(f"prompts per domain must be at least 1, got {per_domain}")
+    _check_per_domain(per_domain)
     taken: dict[str, int] = {}
     prompts = []
     for item in load_items(task_dir):
